@@ -1,0 +1,152 @@
+"""Shard manifests and atomic shard outputs: what makes reruns resume and crashes harmless.
+
+A shard's outputs are written under temporary names and renamed into place only when all
+of them are complete; the manifest (rows in and out, reasons, checksums, config hash, model
+ids) is written last. A shard counts as done only when its manifest exists, matches the
+current config and inputs, and its outputs still carry the recorded checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MANIFEST_SUFFIX = ".manifest.json"
+
+
+@dataclass
+class ShardManifest:
+    stage: str
+    shard: str
+    config_hash: str
+    inputs: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    outputs: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    rows_in: int = 0
+    rows_out: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)  # drop reason -> count
+    seconds: float = 0.0
+    models: dict[str, str] = field(default_factory=dict)  # role -> "id@revision"
+
+    @classmethod
+    def read(cls, path: Path) -> ShardManifest:
+        return cls(**json.loads(path.read_text()))
+
+
+def manifest_path(stage_dir: Path, shard: str) -> Path:
+    return Path(stage_dir) / f"{shard}{MANIFEST_SUFFIX}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksums(paths: list[Path]) -> dict[str, str]:
+    return {Path(p).name: sha256_file(Path(p)) for p in paths}
+
+
+def completed_manifest(
+    stage_dir: Path, shard: str, config_hash: str, inputs: list[Path]
+) -> ShardManifest | None:
+    """The shard's manifest if the shard is complete and current, else None (redo it)."""
+    path = manifest_path(stage_dir, shard)
+    if not path.exists():
+        return None
+    try:
+        manifest = ShardManifest.read(path)
+    except (json.JSONDecodeError, TypeError):
+        return None
+    if manifest.config_hash != config_hash or manifest.inputs != checksums(inputs):
+        return None
+    for name, digest in manifest.outputs.items():
+        out = Path(stage_dir) / name
+        if not out.exists() or sha256_file(out) != digest:
+            return None
+    return manifest
+
+
+class ShardOutputs:
+    """Temporary paths for a shard's output files, renamed into place together on success."""
+
+    def __init__(self, stage_dir: Path):
+        self.stage_dir = Path(stage_dir)
+        self._pending: dict[Path, Path] = {}
+
+    def path(self, name: str) -> Path:
+        final = self.stage_dir / name
+        tmp = self.stage_dir / f".{name}.tmp-{os.getpid()}"
+        self._pending[final] = tmp
+        return tmp
+
+    def commit(self) -> list[Path]:
+        for final, tmp in self._pending.items():
+            os.replace(tmp, final)
+        return list(self._pending)
+
+    def discard(self) -> None:
+        for tmp in self._pending.values():
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def shard_outputs(
+    stage_dir: Path, manifest: ShardManifest, inputs: list[Path]
+) -> Iterator[ShardOutputs]:
+    """Write a shard's outputs atomically, then its manifest; on error leave nothing behind.
+
+    The caller fills `manifest` (rows, reasons, models) inside the block.
+    """
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    # An old manifest must not vouch for outputs that are about to change.
+    manifest_path(stage_dir, manifest.shard).unlink(missing_ok=True)
+    outputs = ShardOutputs(stage_dir)
+    start = time.perf_counter()
+    try:
+        yield outputs
+    except BaseException:
+        outputs.discard()
+        raise
+    finals = outputs.commit()
+    manifest.inputs = checksums(inputs)
+    manifest.outputs = checksums(finals)
+    manifest.seconds = round(time.perf_counter() - start, 3)
+    write_json_atomic(manifest_path(stage_dir, manifest.shard), asdict(manifest))
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_manifests(stage_dir: Path) -> list[ShardManifest]:
+    return [ShardManifest.read(p) for p in sorted(Path(stage_dir).glob(f"*{MANIFEST_SUFFIX}"))]
+
+
+def stage_stats(stage_dir: Path) -> dict:
+    """Per-stage stats merged from the shard manifests: counts, reasons, throughput."""
+    manifests = read_manifests(stage_dir)
+    reasons: Counter[str] = Counter()
+    for m in manifests:
+        reasons.update(m.reasons)
+    seconds = sum(m.seconds for m in manifests)
+    rows_in = sum(m.rows_in for m in manifests)
+    return {
+        "shards": len(manifests),
+        "rows_in": rows_in,
+        "rows_out": sum(m.rows_out for m in manifests),
+        "reasons": dict(reasons.most_common()),
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(rows_in / seconds, 2) if seconds else None,
+    }
