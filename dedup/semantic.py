@@ -1,0 +1,184 @@
+"""Semantic duplicates: cosine range search inside faiss k-means clusters.
+
+Two modes over any L2-normalised embedding (CLIP, or SSCD copy-detection descriptors):
+- "sd3", the paper's procedure: k-means into N clusters, each vector searched only inside its
+  own cluster, so a pair split by a cluster border is never compared;
+- "multiprobe": each vector is also searched in the few next-nearest clusters whose centroid
+  is within `probe_margin` of its nearest one. A near-duplicate pair sits close together, so
+  when a border separates it both vectors lie near that border, and each probes the other's
+  cluster. Vectors far from any border probe nothing extra, which keeps the cost near sd3's.
+
+The work is cut into `SearchTile`s (query rows x database rows of one cluster, split to fit a
+memory bound), so the same tiles run in-process here or as Ray tasks (`dedup/ray_runner.py`).
+Embeddings stay float16 in memory; rows are converted to float32 per chunk or tile. The
+similarity kernel (exact faiss, or a bf16 filter with exact recheck) is in `dedup/kernels.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from dedup.config import DedupConfig
+from dedup.kernels import Kernel, as_float32, nearest, range_pairs
+from dedup.pairs import Pairs
+
+
+@dataclass
+class SearchTile:
+    """Compare `queries` with `database` (row ids of one cluster); pairs at >= threshold."""
+
+    cluster: int
+    queries: np.ndarray  # (Q,) int64
+    database: np.ndarray  # (D,) int64
+
+    def nbytes(self, dim: int) -> int:
+        return (len(self.queries) + len(self.database)) * dim * 4
+
+
+# (vectors, tiles, threshold, kernel) -> pairs: in-process here, Ray tasks in ray_runner.
+TileRunner = Callable[[np.ndarray, list[SearchTile], float, Kernel], Pairs]
+
+
+def search_tile(
+    vectors: np.ndarray, tile: SearchTile, threshold: float, kernel: Kernel = "faiss"
+) -> Pairs:
+    return range_pairs(vectors, tile.queries, tile.database, threshold, kernel)
+
+
+def run_tiles_locally(
+    vectors: np.ndarray, tiles: list[SearchTile], threshold: float, kernel: Kernel = "faiss"
+) -> Pairs:
+    tiles = tqdm(tiles, desc="cluster search")
+    return Pairs.concat([search_tile(vectors, t, threshold, kernel) for t in tiles])
+
+
+class SemanticDeduplicator:
+    """Finds all pairs above a cosine threshold that the configured mode can see."""
+
+    def __init__(self, config: DedupConfig):
+        self.config = config
+        if config.num_threads:
+            faiss.omp_set_num_threads(config.num_threads)
+            if config.search_kernel == "bf16":
+                import torch
+
+                torch.set_num_threads(config.num_threads)
+
+    @property
+    def probes(self) -> int:
+        return 1 if self.config.semantic_mode == "sd3" else self.config.max_probes
+
+    def n_clusters(self, n: int) -> int:
+        wanted = self.config.n_clusters or round(math.sqrt(n))
+        return max(1, min(wanted, n))
+
+    def find_pairs(
+        self,
+        vectors: np.ndarray,
+        rows: np.ndarray | None = None,
+        threshold: float | None = None,
+        run_tiles: TileRunner = run_tiles_locally,
+    ) -> Pairs:
+        """Pairs of `rows` (default: all) with cosine >= threshold (default: the config's)."""
+        rows = np.arange(len(vectors)) if rows is None else np.asarray(rows, np.int64)
+        threshold = self.config.semantic_threshold if threshold is None else threshold
+        if len(rows) < 2:
+            return Pairs.empty()
+        tiles = self.plan(vectors, rows)
+        return run_tiles(vectors, tiles, threshold, self.config.search_kernel)
+
+    def plan(self, vectors: np.ndarray, rows: np.ndarray) -> list[SearchTile]:
+        """k-means, assignment with probes, and the tiles of the per-cluster phase."""
+        centroids = self.train_centroids(vectors, rows)
+        home, extra_rows, extra_clusters = self.assign(vectors, rows, centroids)
+        return plan_tiles(
+            rows, home, extra_rows, extra_clusters, len(centroids),
+            vectors.shape[1], self.config.max_task_mb << 20,
+        )  # fmt: skip
+
+    def train_centroids(self, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        cfg = self.config
+        k = self.n_clusters(len(rows))
+        if k == 1:
+            return np.zeros((1, vectors.shape[1]), np.float32)
+        # k-means on a subsample: centroids only route vectors to clusters, and training on
+        # all 1M rows would cost more than the whole search.
+        sample_size = min(len(rows), k * cfg.kmeans_points_per_centroid)
+        rng = np.random.default_rng(cfg.seed)
+        sample = as_float32(vectors, np.sort(rng.choice(rows, size=sample_size, replace=False)))
+        return self._kmeans(sample, k)
+
+    def _kmeans(self, x: np.ndarray, k: int) -> np.ndarray:
+        kmeans = faiss.Kmeans(
+            x.shape[1], k, niter=self.config.kmeans_iterations, seed=self.config.seed,
+            spherical=True, min_points_per_centroid=1, verbose=False,
+            max_points_per_centroid=max(self.config.kmeans_points_per_centroid, 1),
+        )  # fmt: skip
+        kmeans.train(x)
+        return kmeans.centroids
+
+    def assign(self, vectors: np.ndarray, rows: np.ndarray, centroids: np.ndarray):
+        """Each row's nearest cluster, plus (row, cluster) probes within the margin."""
+        probes = min(self.probes, len(centroids))
+        home = np.empty(len(rows), np.int64)
+        extra_rows, extra_clusters = [], []
+        step = self.config.chunk_rows
+        for start in tqdm(range(0, len(rows), step), desc="assign", leave=False):
+            chunk = rows[start : start + step]
+            sims, near = nearest(vectors, chunk, centroids, probes, self.config.search_kernel)
+            home[start : start + len(chunk)] = near[:, 0]
+            if probes > 1:
+                near_border = sims[:, 1:] >= sims[:, :1] - self.config.probe_margin
+                extra_rows.append(np.broadcast_to(chunk[:, None], near_border.shape)[near_border])
+                extra_clusters.append(near[:, 1:][near_border])
+        if not extra_rows:
+            return home, np.empty(0, np.int64), np.empty(0, np.int64)
+        return home, np.concatenate(extra_rows), np.concatenate(extra_clusters)
+
+
+def plan_tiles(
+    rows: np.ndarray,
+    home: np.ndarray,
+    extra_rows: np.ndarray,
+    extra_clusters: np.ndarray,
+    n_clusters: int,
+    dim: int,
+    max_task_bytes: int,
+) -> list[SearchTile]:
+    """One tile per cluster (its members, plus probing outsiders, against its members);
+    clusters whose tile would exceed `max_task_bytes` are split into query x database blocks.
+
+    (Searching only the upper triangle of members x members was tried: the extra calls and
+    conversions cost more than the halved products at these sizes.)"""
+    members = _group_by(rows, home, n_clusters)
+    probers = _group_by(extra_rows, extra_clusters, n_clusters)
+    # Half the bound for each side of a block; float32 rows of `dim` values.
+    block = max(1, max_task_bytes // (2 * dim * 4))
+    tiles = []
+    for cluster in range(n_clusters):
+        database = members[cluster]
+        if len(database) == 0:
+            continue
+        outsiders = probers[cluster]
+        queries = np.concatenate([database, outsiders]) if len(outsiders) else database
+        tile = SearchTile(cluster, queries, database)
+        if tile.nbytes(dim) <= max_task_bytes:
+            tiles.append(tile)
+            continue
+        for q in range(0, len(queries), block):
+            for d in range(0, len(database), block):
+                tiles.append(SearchTile(cluster, queries[q : q + block], database[d : d + block]))
+    return tiles
+
+
+def _group_by(values: np.ndarray, keys: np.ndarray, n_keys: int) -> list[np.ndarray]:
+    order = np.argsort(keys, kind="stable")
+    bounds = np.searchsorted(keys[order], np.arange(n_keys + 1))
+    grouped = values[order]
+    return [grouped[bounds[k] : bounds[k + 1]] for k in range(n_keys)]

@@ -1,0 +1,180 @@
+"""The dedup step over Parquet tables of real photos, its outputs, resume and the CLI."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_dedup_photos import EDITS, PHOTOS, descriptor, edited, jpeg, photo
+
+from dedup.cli import main as dedup_main
+from dedup.config import DedupConfig
+from dedup.exact import sha256_hex
+from dedup.stage import run_dedup, run_dedup_for_run
+
+pytestmark = pytest.mark.timeout(60)
+
+BEST_COPY = "coffee_resized"  # scored above its original, so it represents the group
+
+
+def photo_rows():
+    """(uid, jpeg bytes, descriptor, aesthetic) for originals, edited copies, one byte copy."""
+    rows = []
+    for name in PHOTOS:
+        original = photo(name)
+        data = jpeg(original)
+        rows.append((name, data, descriptor(original), 5.0))
+        for edit in EDITS:
+            copy = edited(original, edit)
+            uid = f"{name}_{edit}"
+            rows.append((uid, jpeg(copy), descriptor(copy), 6.0 if uid == BEST_COPY else 4.0))
+        if name == "astronaut":
+            rows.append(("astronaut_bytes", data, descriptor(original), 5.0))
+    return rows
+
+
+def write_score_tables(folder, rows, files: int = 2) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    dim = len(rows[0][2])
+    for k, part in enumerate(np.array_split(np.arange(len(rows)), files)):
+        chunk = [rows[i] for i in part]
+        embeddings = np.stack([r[2] for r in chunk]).astype(np.float16)
+        flat = pa.array(embeddings.ravel(), pa.float16())
+        table = pa.table({
+            "uid": [r[0] for r in chunk],
+            "image": pa.array([r[1] for r in chunk], pa.binary()),
+            "score_image_embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+            "score_aesthetic": [r[3] for r in chunk],
+        })  # fmt: skip
+        pq.write_table(table, folder / f"{k:05d}.parquet")
+
+
+@pytest.fixture(scope="module")
+def score_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run") / "score"
+    write_score_tables(folder, photo_rows())
+    return folder
+
+
+def photo_config(**changes) -> DedupConfig:
+    # The 8x8 descriptor puts copies at >= 0.87 and different photos at <= 0.64.
+    base = dict(semantic_threshold=0.8, n_clusters=3, sweep_thresholds=[0.8, 0.9, 0.95])
+    return DedupConfig(**{**base, **changes})
+
+
+def read_output(folder) -> dict[str, dict]:
+    tables = [pq.read_table(p) for p in sorted(folder.glob("*.parquet"))]
+    return {row["uid"]: row for row in pa.concat_tables(tables).to_pylist()}
+
+
+def test_copies_are_dropped_with_their_reason_and_best_representative(score_dir, tmp_path):
+    out = tmp_path / "dedup"
+    result = run_dedup(photo_config(), score_dir, out)
+    assert result.ran
+    rows = read_output(out)
+    assert len(rows) == len(PHOTOS) * (1 + len(EDITS)) + 1
+    for name in PHOTOS:
+        group = BEST_COPY if name == "coffee" else name
+        members = [name] + [f"{name}_{e}" for e in EDITS]
+        assert {rows[uid]["dedup_group"] for uid in members} == {group}, name
+        assert [uid for uid in members if rows[uid]["dedup_status"] == "kept"] == [group]
+    exact = rows["astronaut_bytes"]
+    assert exact["dedup_reason"] == "exact_duplicate" and exact["dedup_method"] == "exact"
+    assert exact["dedup_representative"] == "astronaut" and exact["dedup_similarity"] == 1.0
+    # pHash catches resizes, recompression and colour shifts; crops fall to the semantic step.
+    assert rows["camera_recompressed"]["dedup_reason"] == "perceptual_duplicate"
+    assert all(rows[f"{n}_cropped"]["dedup_reason"] in ("near_duplicate", "perceptual_duplicate")
+               for n in PHOTOS)  # fmt: skip
+    assert any(rows[f"{n}_cropped"]["dedup_reason"] == "near_duplicate" for n in PHOTOS)
+    for row in rows.values():  # what `rectiflow inspect` needs for every dropped row
+        if row["dedup_status"] == "dropped":
+            assert row["dedup_representative"] != row["uid"]
+            assert 0.8 <= row["dedup_similarity"] <= 1.0
+        else:
+            assert row["dedup_reason"] is None and row["dedup_similarity"] is None
+    coffee = rows["coffee"]
+    assert coffee["dedup_status"] == "dropped" and coffee["dedup_representative"] == BEST_COPY
+    manifest = result.manifest
+    assert manifest.rows_out == len(PHOTOS) and sum(manifest.reasons.values()) == len(rows) - 12
+    assert (out / "sweep.csv").exists() and (out / "sweep.png").stat().st_size > 1000
+
+
+def test_rerun_skips_until_config_or_inputs_change(score_dir, tmp_path):
+    out = tmp_path / "dedup"
+    assert run_dedup(photo_config(), score_dir, out).ran
+    assert not run_dedup(photo_config(), score_dir, out).ran
+    stricter = run_dedup(photo_config(semantic_threshold=0.99, sweep=False), score_dir, out)
+    assert stricter.ran and not (out / "sweep.csv").exists()  # no stale sweep left behind
+    assert read_output(out)["chelsea_cropped"]["dedup_reason"] != "near_duplicate"
+
+
+def test_keep_column_limits_who_takes_part(tmp_path):
+    rows = photo_rows()[:5]  # astronaut and its 4 edits
+    folder = tmp_path / "score"
+    write_score_tables(folder, rows, files=1)
+    table = pq.read_table(folder / "00000.parquet")
+    keep = pa.array([True, False, True, True, True])
+    pq.write_table(table.append_column("select_keep", keep), folder / "00000.parquet")
+    run_dedup(photo_config(keep_column="select_keep"), folder, tmp_path / "dedup")
+    out = read_output(tmp_path / "dedup")
+    assert out["astronaut_resized"]["dedup_status"] is None  # not selected: not considered
+    assert out["astronaut_recompressed"]["dedup_status"] == "dropped"
+
+
+def test_cli_writes_resolved_config_and_rejects_bad_values(score_dir, tmp_path, capsys):
+    out = tmp_path / "dedup"
+    preset = tmp_path / "preset.toml"
+    preset.write_text("[download]\nthreads = 4\n\n[dedup]\nn_clusters = 3\nsweep = false\n")
+    argv = ["--input", str(score_dir), "--out", str(out), "--config", str(preset),
+            "--dedup.semantic_threshold=0.8", "--dedup.semantic_mode=sd3"]  # fmt: skip
+    assert dedup_main(argv) == 0
+    resolved = (out / "config.resolved.toml").read_text()
+    assert 'semantic_mode = "sd3"' in resolved and "n_clusters = 3" in resolved
+    assert "kept" in capsys.readouterr().out
+    assert read_output(out)["rocket_cropped"]["dedup_status"] == "dropped"
+    bad = dedup_main(["--input", str(score_dir), "--out", str(out), "--dedup.semantic_mode=x"])
+    assert bad == 2
+    assert "semantic_mode" in capsys.readouterr().err
+
+
+def write_run_dir(run_dir, rows) -> None:
+    """A run as the earlier stages leave it: score tables without images, download tables with
+    sha256, the images in a WebDataset tar, and select's decisions."""
+    write_score_tables(run_dir / "score", rows, files=1)
+    table = pq.read_table(run_dir / "score" / "00000.parquet").drop_columns(["image"])
+    pq.write_table(table, run_dir / "score" / "00000.parquet")
+    (run_dir / "download").mkdir()
+    digests = [sha256_hex(data) for _, data, _, _ in rows]
+    pq.write_table(pa.table({"uid": [r[0] for r in rows], "download_sha256": digests}),
+                   run_dir / "download" / "00000.parquet")  # fmt: skip
+    with tarfile.open(run_dir / "download" / "00000.tar", "w") as tar:
+        for uid, data, _, _ in rows:
+            for name, blob in ((f"{uid}.jpg", data), (f"{uid}.json", b"{}")):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    (run_dir / "select").mkdir()
+    kept = [r[0] != "camera_resized" for r in rows]  # select dropped this one
+    pq.write_table(pa.table({"uid": [r[0] for r in rows], "select_kept": kept}),
+                   run_dir / "select" / "kept.parquet")  # fmt: skip
+
+
+def test_run_dir_step_reads_download_hashes_images_and_selection(tmp_path):
+    rows = [r for r in photo_rows() if r[0].split("_")[0] in ("astronaut", "camera")]
+    write_run_dir(tmp_path, rows)
+    config = photo_config(semantic=False, sweep=False)  # exact + pHash from the run's files
+    result = run_dedup_for_run(config, tmp_path)
+    out = read_output(tmp_path / "dedup")
+    assert out["astronaut_bytes"]["dedup_reason"] == "exact_duplicate"
+    assert out["astronaut_colour_shifted"]["dedup_reason"] == "perceptual_duplicate"
+    assert out["camera_recompressed"]["dedup_representative"] == "camera"
+    assert out["camera_resized"]["dedup_status"] is None  # not selected: not considered
+    assert result.manifest.rows_in == len(rows) - 1
+    assert not run_dedup_for_run(config, tmp_path).ran
+    pq.write_table(pa.table({"uid": [r[0] for r in rows], "select_kept": [True] * len(rows)}),
+                   tmp_path / "select" / "kept.parquet")  # fmt: skip
+    assert run_dedup_for_run(config, tmp_path).ran  # a changed selection redoes dedup
