@@ -83,8 +83,9 @@ class ShardOutputs:
         self._pending: dict[Path, Path] = {}
 
     def path(self, name: str) -> Path:
-        final = self.stage_dir / name
-        tmp = self.stage_dir / f".{name}.tmp-{os.getpid()}"
+        final = self.stage_dir / name  # may be in a subfolder, e.g. "shards/00000.tar"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         self._pending[final] = tmp
         return tmp
 
@@ -119,7 +120,7 @@ def shard_outputs(
         raise
     finals = outputs.commit()
     manifest.inputs = checksums(inputs)
-    manifest.outputs = checksums(finals)
+    manifest.outputs = {str(p.relative_to(stage_dir)): sha256_file(p) for p in finals}
     manifest.seconds = round(time.perf_counter() - start, 3)
     write_json_atomic(manifest_path(stage_dir, manifest.shard), asdict(manifest))
 
@@ -128,6 +129,14 @@ def write_json_atomic(path: Path, data: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+def remove_stale_temporaries(stage_dir: Path) -> list[Path]:
+    """Delete half-written outputs of a killed run (call before a run, not during one)."""
+    stale = sorted(Path(stage_dir).rglob(".*.tmp-*")) if Path(stage_dir).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def read_manifests(stage_dir: Path) -> list[ShardManifest]:

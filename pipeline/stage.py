@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import config_hash
-from pipeline.manifest import ShardManifest, completed_manifest, shard_outputs
+from pipeline.manifest import ShardManifest, ShardOutputs, completed_manifest, shard_outputs
 
 
 @dataclass
@@ -67,6 +67,12 @@ class Stage:
     def process(self, batch: pa.Table) -> pa.Table:
         raise NotImplementedError
 
+    def begin_shard(self, shard: ShardSpec, outputs: ShardOutputs) -> None:
+        """Open extra outputs of a shard (e.g. a tar) through `outputs`, committed together."""
+
+    def end_shard(self) -> None:
+        """Close what `begin_shard` opened (also called when the shard fails)."""
+
     def output_schema(self) -> pa.Schema | None:
         """Schema for shards with no rows at all (None: inferred from the first batch)."""
         return None
@@ -86,6 +92,7 @@ def run_shard(stage: Stage, shard: ShardSpec, stage_dir: Path) -> tuple[ShardMan
     with shard_outputs(stage_dir, manifest, inputs) as outputs:
         writer = None
         out_path = outputs.path(f"{shard.shard}.parquet")
+        stage.begin_shard(shard, outputs)
         try:
             for batch in stage.read_batches(shard):
                 result = stage.process(batch)
@@ -100,6 +107,7 @@ def run_shard(stage: Stage, shard: ShardSpec, stage_dir: Path) -> tuple[ShardMan
         finally:
             if writer is not None:
                 writer.close()
+            stage.end_shard()
         manifest.reasons = dict(reasons)
         manifest.rows_out = manifest.rows_in - sum(reasons.values())
     return manifest, True
