@@ -18,7 +18,7 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from pipeline.manifest import ShardManifest
+from pipeline.manifest import ShardManifest, remove_stale_temporaries
 from pipeline.stage import ShardSpec, Stage, run_shard
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ def run_stage(
 ) -> list[ShardManifest]:
     """Run every shard of a stage (skipping completed ones); return manifests in shard order."""
     Path(stage_dir).mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(stage_dir)  # a SIGKILLed run leaves them; shards redo anyway
     if not shards:
         return []
     if runner.backend == "ray":
