@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 from pathlib import Path
 
 import tomli_w
-import tomllib
 
 from dedup.config import DedupConfig
 from dedup.stage import STAGE, run_dedup, run_dedup_for_run

@@ -14,7 +14,21 @@ import sys
 
 # name -> ("module:function", one-line help). Only commands that exist and work belong here.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("ray_jobs.demo:main", "run the whole system offline on a synthetic world (--quick)"),
+    "shapes-world": ("pipeline.shapes_world:main", "generate the demo's synthetic shapes world and its URL lists"),
+    "train-vae": ("train.autoencoder:main", "train a 16-channel AutoencoderKL on images (diffusers format)"),
     "models": ("model.cli:main", "make the offline tiny model bundle (models make-tiny OUT_DIR)"),
+    "download": ("pipeline.download_cli:main", "download URL lists into shards (--retry-failed)"),
+    "score": ("pipeline.score_cli:main", "CLIP embeddings, CLIP/aesthetic/NSFW scores for a run's downloads"),
+    "select": ("pipeline.select_cli:main", "choose samples to keep from the scores (presets); deletes nothing"),
+    "inspect": ("pipeline.inspect_cli:main", "print a run's funnel, or why a uid was dropped (--uid)"),
+    "curate": ("ray_jobs.curate:main", "run download, score, select on Ray (embedded Ray if no cluster)"),
+    "caption": ("captioning.cli:main", "recaption kept samples with a VLM, with provenance"),
+    "dedup": ("dedup.cli:main", "exact, perceptual and semantic dedup of a run's scored samples"),
+    "encode": ("pipeline.encode_cli:main", "precompute SD3 latents + text embeddings into training shards"),
+    "train": ("train.cli:main", "train an MMDiT with rectified flow on training shards (--config PRESET)"),
+    "export": ("train.export:main", "export a checkpoint's EMA transformer as a diffusers SD3 directory"),
+    "sample": ("train.sample:main", "generate PNGs from a checkpoint and prompts (Euler + CFG)"),
 }
 
 

@@ -91,7 +91,9 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # An embedded Ray is a local service: keep every Ray process on loopback rather than
+        # the host's network address.
+        ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
 
 
 def _run_on_ray(factory, shards, stage_dir, runner):

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 from download_factory import tiny_clip_dir
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(420)
 
 REPO = Path(__file__).resolve().parents[1]
 NETGUARD = REPO / "tests" / "netguard"
@@ -83,7 +83,7 @@ def ray_cluster(tmp_path, monkeypatch):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
+def _wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
     from ray.job_submission import JobSubmissionClient
 
     deadline = time.monotonic() + timeout_s

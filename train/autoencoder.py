@@ -134,7 +134,10 @@ def _image_blobs(source: Path):
         elif path.suffix == ".tar":
             with tarfile.open(path) as tar:
                 for member in tar:
-                    if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
+                    # Download shards hold `<uid>.<ext>` originals and may hold derived copies
+                    # (`<uid>.resized.jpg`): train on each original once.
+                    original = Path(member.name).name.count(".") == 1
+                    if member.isfile() and original and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
                         yield member.name, tar.extractfile(member).read()
 
 
