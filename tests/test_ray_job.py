@@ -83,15 +83,26 @@ def ray_cluster(tmp_path, monkeypatch):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+def job_client(url: str):
+    """A Jobs API client that sends this cluster's token explicitly.
+
+    Ray caches the token it loads once per process; an embedded Ray started by an earlier
+    test in the same pytest process would otherwise make the client send a stale one.
+    """
     from ray.job_submission import JobSubmissionClient
+
+    token = os.environ["RAY_AUTH_TOKEN"]
+    return JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"})
+
+
+def _wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if head.poll() is not None:
             pytest.fail(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            JobSubmissionClient(url).list_jobs()
+            job_client(url).list_jobs()
             return
         except Exception:  # noqa: BLE001 -- not up yet
             time.sleep(1)
@@ -137,7 +148,7 @@ def _write_url_list(server, path: Path) -> list[str]:
 
 
 def test_curate_job_runs_on_a_local_cluster(ray_cluster, image_server, clip_dir, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
     _write_url_list(image_server, tmp_path / "urls.parquet")
     run_dir = tmp_path / "run"
@@ -146,7 +157,7 @@ def test_curate_job_runs_on_a_local_cluster(ray_cluster, image_server, clip_dir,
         f"--run.out_dir={run_dir} --run.urls={tmp_path / 'urls.parquet'} "
         f"--score.model={clip_dir} --download.rows_per_shard=4 --download.processes_count=0"
     )
-    client = JobSubmissionClient(ray_cluster)
+    client = job_client(ray_cluster)
     runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "runs", "__pycache__"]}
     job = _submit(client, entrypoint, runtime_env)
     deadline = time.monotonic() + 180
