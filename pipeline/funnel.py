@@ -142,7 +142,9 @@ def drop_explanation(v: StageVerdict) -> str:
     if representative is not None:
         similarity = row.get(f"{prefix}_similarity")
         sim = f", similarity {similarity:.2f}" if isinstance(similarity, float) else ""
-        return f"{v.reason}: a near-duplicate of uid {representative}{sim}"
+        kind = {"exact_duplicate": "an exact copy", "perceptual_duplicate": "a perceptual "
+                "(pHash) duplicate"}.get(str(v.reason), "a near-duplicate")
+        return f"{v.reason}: {kind} of uid {representative}{sim}"
     for extra in ("detail", "error"):
         if row.get(f"{prefix}_{extra}"):
             return f"{v.reason} ({row[f'{prefix}_{extra}']})"
