@@ -33,8 +33,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dedup.config import DedupConfig  # noqa: E402
+from dedup.kernels import as_float32  # noqa: E402
 from dedup.pairs import Pairs  # noqa: E402
-from dedup.semantic import SemanticDeduplicator, as_float32  # noqa: E402
+from dedup.semantic import SemanticDeduplicator  # noqa: E402
 
 
 def generate(n: int, dim: int, topics: int, copies: int, seed: int, chunk: int = 100_000):
@@ -106,7 +107,8 @@ def run_mode(args) -> None:
     mode, kernel = args.mode.split(":")
     config = DedupConfig(
         semantic_mode=mode, search_kernel=kernel, semantic_threshold=args.threshold,
-        num_threads=args.threads, max_probes=args.max_probes, probe_margin=args.probe_margin,
+        num_threads=args.threads, max_probes=args.max_probes, probe_fraction=args.probe_fraction,
+        routing_dim=args.routing_dim or None, n_clusters=args.n_clusters,
     )  # fmt: skip
     pairs = SemanticDeduplicator(config).find_pairs(vectors)
     wall = time.perf_counter() - start
@@ -157,7 +159,9 @@ def main() -> None:
     parser.add_argument("--gt-queries", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-probes", type=int, default=DedupConfig.max_probes)
-    parser.add_argument("--probe-margin", type=float, default=DedupConfig.probe_margin)
+    parser.add_argument("--probe-fraction", type=float, default=DedupConfig.probe_fraction)
+    parser.add_argument("--routing-dim", type=int, default=DedupConfig.routing_dim, help="0: full")
+    parser.add_argument("--n-clusters", type=int, default=None, help="default: the mode's own")
     parser.add_argument("--modes", default="sd3:faiss,multiprobe:faiss,multiprobe:bf16")
     parser.add_argument("--mode", default="multiprobe:faiss", help="semantic_mode:search_kernel")
     parser.add_argument("--seed", type=int, default=0)
@@ -190,8 +194,9 @@ def main() -> None:
 def _passthrough(args) -> list[str]:
     return [
         "--out", args.out, "--threshold", str(args.threshold), "--threads", str(args.threads),
-        "--max-probes", str(args.max_probes), "--probe-margin", str(args.probe_margin),
-    ]  # fmt: skip
+        "--max-probes", str(args.max_probes), "--probe-fraction", str(args.probe_fraction),
+        "--routing-dim", str(args.routing_dim or 0),
+    ] + (["--n-clusters", str(args.n_clusters)] if args.n_clusters else [])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -27,15 +27,20 @@ class DedupConfig:
     # below 0.93); SD3 used 0.5 on SSCD copy-detection descriptors.
     semantic_mode: SemanticMode = "multiprobe"
     semantic_threshold: float = 0.95
-    n_clusters: int | None = None  # None: about sqrt(n), which balances assignment and search
+    # None: sqrt(n) for sd3, 2 sqrt(n) for multiprobe (balances assignment against search).
+    n_clusters: int | None = None
     kmeans_iterations: int = 10
     # k-means trains on a subsample of this many rows per centroid: fewer train faster but
     # give less even clusters and more rows near borders, which costs more in the search.
-    kmeans_points_per_centroid: int = 64
-    # multiprobe: a vector is also searched in up to `max_probes` clusters whose centroid is
-    # within `probe_margin` (cosine) of its nearest one, so pairs split by a border are found.
-    max_probes: int = 3
-    probe_margin: float = 0.025
+    kmeans_points_per_centroid: int = 32
+    # multiprobe: k-means and assignment run in the top `routing_dim` principal directions
+    # (None: the full space); a vector is also searched in each of its next `max_probes - 1`
+    # nearest clusters whose border is within `probe_fraction` of the reach that guarantees
+    # finding every pair (half the largest distance between two duplicates). 1.0 with
+    # max_probes = n_clusters is exact; dedup/routing.py explains, docs/benchmarks.md measures.
+    routing_dim: int | None = 128
+    max_probes: int = 4
+    probe_fraction: float = 0.15
     seed: int = 0
 
     # Which duplicate of a group is kept ("first": input order, as the paper did).
@@ -59,8 +64,9 @@ class DedupConfig:
         default_factory=lambda: [0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99]
     )
 
-    # Execution. "bf16": a bfloat16 filter with exact float32 recheck, same pairs, ~2x faster
-    # on CPUs with bf16 units (dedup/kernels.py); "faiss": exact float32 range search.
+    # Execution. "faiss": exact float32 range search. "bf16": a bfloat16 filter with exact
+    # float32 recheck, same pairs; meant for CPUs with AMX, and slower than "faiss" on the
+    # AVX512-BF16 machine of docs/benchmarks.md (dedup/kernels.py).
     search_kernel: Literal["faiss", "bf16"] = "faiss"
     backend: Literal["local", "ray"] = "local"
     max_task_mb: int = 256  # memory bound of one cluster-search task; larger clusters are split
@@ -76,8 +82,10 @@ class DedupConfig:
             raise ValueError(f"n_clusters = {self.n_clusters} must be at least 1")
         if self.max_probes < 1:
             raise ValueError(f"max_probes = {self.max_probes} must be at least 1")
-        if self.probe_margin < 0:
-            raise ValueError(f"probe_margin = {self.probe_margin} must not be negative")
+        if not 0 <= self.probe_fraction <= 1:
+            raise ValueError(f"probe_fraction = {self.probe_fraction} must be in [0, 1]")
+        if self.routing_dim is not None and self.routing_dim < 1:
+            raise ValueError(f"routing_dim = {self.routing_dim} must be at least 1 (or unset)")
         if self.max_task_mb < 1 or self.chunk_rows < 1:
             raise ValueError("max_task_mb and chunk_rows must be positive")
         if any(not -1.0 <= t <= 1.0 for t in self.sweep_thresholds):

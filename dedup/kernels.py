@@ -1,7 +1,8 @@
 """Similarity kernels: all (query, row) pairs at cosine >= threshold, and nearest centroids.
 
 - "faiss": exact float32 inner products (faiss flat index, BLAS blocks), as the paper did.
-- "bf16": a bfloat16 matrix product (about 2x float32 on CPUs with AVX512-BF16 or AMX) as a
+- "bf16": a bfloat16 matrix product (meant for CPUs with AMX; on an AVX512-BF16 EPYC the
+  conversions and recheck make it 2x slower than "faiss", see docs/benchmarks.md) as a
   filter, then every candidate's cosine recomputed exactly in float32. Rounding both unit
   vectors to bfloat16 (unit roundoff u = 2^-8) moves a dot product by at most about 2u = 0.008
   (|x.y error| <= 2u sum|x_i y_i| <= 2u), so candidates are taken from `threshold - 0.02`
@@ -24,9 +25,20 @@ _BLOCK_ELEMENTS = 1 << 24  # query rows per block x database rows: 32 MB of bf16
 
 def as_float32(vectors: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
     """Rows of a float16 (or any) embedding array as unit-norm float32, ready for faiss."""
-    x = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+    x = vectors[rows]
+    if x.dtype == np.float16:
+        x = _half_to_float(np.ascontiguousarray(x))
+    else:
+        x = np.ascontiguousarray(x, dtype=np.float32)
     faiss.normalize_L2(x)  # float16 storage leaves norms off 1 by ~1e-3; cosines stay exact
     return x
+
+
+def _half_to_float(x: np.ndarray) -> np.ndarray:
+    # faiss's fp16 decoder (F16C SIMD, its own threads) is about 1.5-2x numpy's astype, and
+    # dedup converts every row at least twice (assignment, search).
+    decoder = faiss.ScalarQuantizer(x.shape[1], faiss.ScalarQuantizer.QT_fp16)
+    return decoder.decode(x.view(np.uint8))
 
 
 def range_pairs(

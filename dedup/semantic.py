@@ -3,10 +3,11 @@
 Two modes over any L2-normalised embedding (CLIP, or SSCD copy-detection descriptors):
 - "sd3", the paper's procedure: k-means into N clusters, each vector searched only inside its
   own cluster, so a pair split by a cluster border is never compared;
-- "multiprobe": each vector is also searched in the few next-nearest clusters whose centroid
-  is within `probe_margin` of its nearest one. A near-duplicate pair sits close together, so
-  when a border separates it both vectors lie near that border, and each probes the other's
-  cluster. Vectors far from any border probe nothing extra, which keeps the cost near sd3's.
+- "multiprobe": k-means in a PCA subspace, and each vector is also searched in the few
+  next-nearest clusters whose border is within reach of it. A near-duplicate pair sits close
+  together, so when a border separates it, one of the two lies near that border and searches
+  the other's cluster. Vectors far from any border probe nothing extra, which keeps the cost
+  near sd3's (`dedup/routing.py` gives the geometry).
 
 The work is cut into `SearchTile`s (query rows x database rows of one cluster, split to fit a
 memory bound), so the same tiles run in-process here or as Ray tasks (`dedup/ray_runner.py`).
@@ -25,8 +26,9 @@ import numpy as np
 from tqdm import tqdm
 
 from dedup.config import DedupConfig
-from dedup.kernels import Kernel, as_float32, nearest, range_pairs
+from dedup.kernels import Kernel, range_pairs
 from dedup.pairs import Pairs
+from dedup.routing import Routing, route_multiprobe, route_sd3
 
 
 @dataclass
@@ -70,12 +72,12 @@ class SemanticDeduplicator:
 
                 torch.set_num_threads(config.num_threads)
 
-    @property
-    def probes(self) -> int:
-        return 1 if self.config.semantic_mode == "sd3" else self.config.max_probes
-
     def n_clusters(self, n: int) -> int:
-        wanted = self.config.n_clusters or round(math.sqrt(n))
+        """The configured count, else sqrt(n) (sd3) or 2 sqrt(n) (multiprobe): assignment
+        costs n k and the search n^2 / k, and multiprobe's assignment in a subspace is cheap
+        enough that twice the clusters pay off."""
+        scale = 1 if self.config.semantic_mode == "sd3" else 2
+        wanted = self.config.n_clusters or round(scale * math.sqrt(n))
         return max(1, min(wanted, n))
 
     def find_pairs(
@@ -90,74 +92,40 @@ class SemanticDeduplicator:
         threshold = self.config.semantic_threshold if threshold is None else threshold
         if len(rows) < 2:
             return Pairs.empty()
-        tiles = self.plan(vectors, rows)
+        tiles = self.plan(vectors, rows, threshold)
         return run_tiles(vectors, tiles, threshold, self.config.search_kernel)
 
-    def plan(self, vectors: np.ndarray, rows: np.ndarray) -> list[SearchTile]:
+    def plan(self, vectors: np.ndarray, rows: np.ndarray, threshold: float) -> list[SearchTile]:
         """k-means, assignment with probes, and the tiles of the per-cluster phase."""
-        centroids = self.train_centroids(vectors, rows)
-        home, extra_rows, extra_clusters = self.assign(vectors, rows, centroids)
-        return plan_tiles(
-            rows, home, extra_rows, extra_clusters, len(centroids),
-            vectors.shape[1], self.config.max_task_mb << 20,
-        )  # fmt: skip
+        routing = self.route(vectors, rows, threshold)
+        return plan_tiles(rows, routing, vectors.shape[1], self.config.max_task_mb << 20)
 
-    def train_centroids(self, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def route(self, vectors: np.ndarray, rows: np.ndarray, threshold: float) -> Routing:
         cfg = self.config
-        k = self.n_clusters(len(rows))
-        if k == 1:
-            return np.zeros((1, vectors.shape[1]), np.float32)
-        # k-means on a subsample: centroids only route vectors to clusters, and training on
-        # all 1M rows would cost more than the whole search.
-        sample_size = min(len(rows), k * cfg.kmeans_points_per_centroid)
-        rng = np.random.default_rng(cfg.seed)
-        sample = as_float32(vectors, np.sort(rng.choice(rows, size=sample_size, replace=False)))
-        return self._kmeans(sample, k)
-
-    def _kmeans(self, x: np.ndarray, k: int) -> np.ndarray:
-        kmeans = faiss.Kmeans(
-            x.shape[1], k, niter=self.config.kmeans_iterations, seed=self.config.seed,
-            spherical=True, min_points_per_centroid=1, verbose=False,
-            max_points_per_centroid=max(self.config.kmeans_points_per_centroid, 1),
+        common = dict(
+            iterations=cfg.kmeans_iterations, points_per_centroid=cfg.kmeans_points_per_centroid,
+            seed=cfg.seed, chunk_rows=cfg.chunk_rows,
         )  # fmt: skip
-        kmeans.train(x)
-        return kmeans.centroids
-
-    def assign(self, vectors: np.ndarray, rows: np.ndarray, centroids: np.ndarray):
-        """Each row's nearest cluster, plus (row, cluster) probes within the margin."""
-        probes = min(self.probes, len(centroids))
-        home = np.empty(len(rows), np.int64)
-        extra_rows, extra_clusters = [], []
-        step = self.config.chunk_rows
-        for start in tqdm(range(0, len(rows), step), desc="assign", leave=False):
-            chunk = rows[start : start + step]
-            sims, near = nearest(vectors, chunk, centroids, probes, self.config.search_kernel)
-            home[start : start + len(chunk)] = near[:, 0]
-            if probes > 1:
-                near_border = sims[:, 1:] >= sims[:, :1] - self.config.probe_margin
-                extra_rows.append(np.broadcast_to(chunk[:, None], near_border.shape)[near_border])
-                extra_clusters.append(near[:, 1:][near_border])
-        if not extra_rows:
-            return home, np.empty(0, np.int64), np.empty(0, np.int64)
-        return home, np.concatenate(extra_rows), np.concatenate(extra_clusters)
+        k = self.n_clusters(len(rows))
+        if cfg.semantic_mode == "sd3":
+            return route_sd3(vectors, rows, k, kernel=cfg.search_kernel, **common)
+        return route_multiprobe(
+            vectors, rows, k, threshold, routing_dim=cfg.routing_dim,
+            max_probes=cfg.max_probes, probe_fraction=cfg.probe_fraction, **common,
+        )  # fmt: skip
 
 
 def plan_tiles(
-    rows: np.ndarray,
-    home: np.ndarray,
-    extra_rows: np.ndarray,
-    extra_clusters: np.ndarray,
-    n_clusters: int,
-    dim: int,
-    max_task_bytes: int,
+    rows: np.ndarray, routing: Routing, dim: int, max_task_bytes: int
 ) -> list[SearchTile]:
     """One tile per cluster (its members, plus probing outsiders, against its members);
     clusters whose tile would exceed `max_task_bytes` are split into query x database blocks.
 
     (Searching only the upper triangle of members x members was tried: the extra calls and
     conversions cost more than the halved products at these sizes.)"""
-    members = _group_by(rows, home, n_clusters)
-    probers = _group_by(extra_rows, extra_clusters, n_clusters)
+    n_clusters = routing.n_clusters
+    members = _group_by(rows, routing.home, n_clusters)
+    probers = _group_by(routing.extra_rows, routing.extra_clusters, n_clusters)
     # Half the bound for each side of a block; float32 rows of `dim` values.
     block = max(1, max_task_bytes // (2 * dim * 4))
     tiles = []

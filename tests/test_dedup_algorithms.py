@@ -89,7 +89,7 @@ def test_multiprobe_finds_border_pairs_that_sd3_misses():
     assert planted <= truth
     found = {}
     for mode in ("sd3", "multiprobe"):
-        config = DedupConfig(semantic_mode=mode, n_clusters=2, probe_margin=0.2)
+        config = DedupConfig(semantic_mode=mode, n_clusters=2, probe_fraction=0.5)
         found[mode] = SemanticDeduplicator(config).find_pairs(vectors).as_set()
         assert found[mode] <= truth, mode  # every pair reported is a true pair
     assert len(found["sd3"] & planted) < 0.5 * len(planted)
@@ -109,6 +109,42 @@ def test_multiprobe_matches_brute_force_on_clustered_data():
     assert found <= truth
     assert len(found) >= 0.99 * len(truth)
     assert np.all(pairs.sim >= 0.95)
+
+
+def test_multiprobe_at_full_reach_is_exact_even_when_routing_in_a_subspace():
+    # The routing guarantee (dedup/routing.py): a row within half the duplicate radius of a
+    # border searches the cluster behind it, so with every cluster probeable nothing is
+    # missed, even though k-means and assignment run in 12 of 96 dimensions.
+    rng = np.random.default_rng(4)
+    centres = unit(rng.standard_normal((8, 96)))
+    base = unit(centres[rng.integers(0, 8, 1200)] + rng.standard_normal((1200, 96)) / np.sqrt(96))
+    # Copies at cosine 0.90-0.99 of their original, moved towards another row (along the
+    # data, so the projection keeps most of the offset and borders split pairs).
+    towards = unit(base[rng.integers(0, 1200, 400)] - base[:400])
+    copies = unit(base[:400] + rng.uniform(0.15, 0.45, (400, 1)) * towards)
+    vectors = np.concatenate([base, copies]).astype(np.float16)
+    truth = brute_force_pairs(vectors, 0.9)
+    common = dict(semantic_threshold=0.9, n_clusters=40, routing_dim=12)
+    exact = DedupConfig(semantic_mode="multiprobe", probe_fraction=1.0, max_probes=40, **common)
+    assert SemanticDeduplicator(exact).find_pairs(vectors).as_set() == truth
+    # The data does straddle borders: sd3, and multiprobe with too short a reach, miss pairs.
+    sd3 = SemanticDeduplicator(DedupConfig(semantic_mode="sd3", **common)).find_pairs(vectors)
+    assert len(sd3.as_set()) < len(truth) - 10
+    short = DedupConfig(semantic_mode="multiprobe", probe_fraction=0.3, max_probes=40, **common)
+    assert SemanticDeduplicator(short).find_pairs(vectors).as_set() < truth
+
+
+def test_projection_only_shrinks_distances():
+    from dedup.routing import Projection
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((500, 64)).astype(np.float32)
+    project = Projection(x, 8)
+    a, b = x[:250], x[250:]
+    assert np.all(
+        np.linalg.norm(project(a) - project(b), axis=1) <= np.linalg.norm(a - b, axis=1) + 1e-5
+    )
+    assert project(x).shape == (500, 8) and Projection(x, 64)(x) is x
 
 
 def test_bf16_kernel_finds_exactly_the_faiss_pairs_with_exact_similarities():
@@ -132,14 +168,13 @@ def test_bf16_kernel_finds_exactly_the_faiss_pairs_with_exact_similarities():
 
 def test_tiles_respect_the_memory_bound_and_find_the_same_pairs():
     vectors, _ = border_data(per_blob=400)
-    config = DedupConfig(n_clusters=2, probe_margin=0.1)
+    config = DedupConfig(n_clusters=2, probe_fraction=0.5)
     finder = SemanticDeduplicator(config)
     rows = np.arange(len(vectors))
-    centroids = finder.train_centroids(vectors, rows)
-    assignment = finder.assign(vectors, rows, centroids)
-    whole = plan_tiles(rows, *assignment, len(centroids), vectors.shape[1], 1 << 30)
+    routing = finder.route(vectors, rows, 0.95)
+    whole = plan_tiles(rows, routing, vectors.shape[1], 1 << 30)
     bound = 40_000  # bytes: about 150 float32 rows of 32-d per side
-    split = plan_tiles(rows, *assignment, len(centroids), vectors.shape[1], bound)
+    split = plan_tiles(rows, routing, vectors.shape[1], bound)
     assert len(whole) == 2 and len(split) > 2
     assert all(tile.nbytes(vectors.shape[1]) <= bound for tile in split)
     expected = run_tiles_locally(vectors, whole, 0.95).as_set()

@@ -27,11 +27,9 @@ def local_ray():
 
 
 def split_tiles(vectors: np.ndarray, bound: int):
-    finder = SemanticDeduplicator(DedupConfig(n_clusters=2, probe_margin=0.2))
+    finder = SemanticDeduplicator(DedupConfig(n_clusters=2, probe_fraction=0.5))
     rows = np.arange(len(vectors))
-    centroids = finder.train_centroids(vectors, rows)
-    assignment = finder.assign(vectors, rows, centroids)
-    return plan_tiles(rows, *assignment, len(centroids), vectors.shape[1], bound)
+    return plan_tiles(rows, finder.route(vectors, rows, 0.95), vectors.shape[1], bound)
 
 
 def test_ray_tasks_find_the_same_pairs_as_in_process(local_ray):
@@ -42,7 +40,7 @@ def test_ray_tasks_find_the_same_pairs_as_in_process(local_ray):
     on_ray = run_tiles_on_ray(vectors, tiles, 0.95)
     local = run_tiles_locally(vectors, tiles, 0.95)
     assert on_ray.as_set() == local.as_set() and planted <= on_ray.as_set()
-    finder = SemanticDeduplicator(DedupConfig(n_clusters=2, probe_margin=0.2))
+    finder = SemanticDeduplicator(DedupConfig(n_clusters=2, probe_fraction=0.5))
     via_finder = finder.find_pairs(vectors, run_tiles=ray_tile_runner(max_task_mb=1))
     assert via_finder.as_set() == local.as_set()
 
