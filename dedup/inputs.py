@@ -2,7 +2,8 @@
 
 Only the columns dedup needs are read. Embeddings are copied straight into one float16
 array (never the whole set as float32). When a table has no sha256 or pHash column but has
-the encoded image bytes, those are computed batch by batch, so images never pile up in memory.
+the encoded image bytes, those are computed batch by batch, so images never pile up in memory;
+a pHash computed from bytes comes with the image's colour-layout descriptor (the colour check).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from dedup.config import DedupConfig
 from dedup.exact import sha256_hex
-from dedup.perceptual import phash_bytes
+from dedup.perceptual import COLOUR_DIM, perceptual_signature
 from dedup.run_inputs import RunSources
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ class DedupInputs:
     sha256: list[str | None] | None
     phash: np.ndarray | None  # (N,) int64
     has_phash: np.ndarray | None  # (N,) bool
+    # Colour-layout descriptors confirming pHash pairs; None: no colour check (disabled, or
+    # the pHash comes from a column and no image bytes were decoded).
+    colour: np.ndarray | None  # (N, 192) float16
+    has_colour: np.ndarray | None  # (N,) bool: false for flat images and missing descriptors
     embeddings: np.ndarray | None  # (N, D) float16
     has_embedding: np.ndarray | None  # (N,) bool
     score: np.ndarray | None  # (N,) float64 for choosing representatives; None: input order
@@ -56,6 +61,9 @@ def read_inputs(
     digests: list[str | None] = []
     phashes = np.zeros(n, np.int64)
     has_phash = np.zeros(n, bool)
+    colour = has_colour = None
+    if _colour_from_bytes(config, names):
+        colour, has_colour = np.zeros((n, COLOUR_DIM), np.float16), np.zeros(n, bool)
     embeddings = has_embedding = None
     start = 0
     for path, rows in tqdm(list(zip(files, file_rows, strict=True)), desc="read inputs"):
@@ -67,9 +75,11 @@ def read_inputs(
             active[part] = table.column(config.keep_column).fill_null(False).to_numpy()
         if sources.selected is not None:
             active[part] &= np.array([u in sources.selected for u in file_uids], bool)
-        file_digests, file_phash = _hashes(config, table, names, file_uids, sources)
-        digests.extend(file_digests)
-        phashes[part], has_phash[part] = file_phash
+        digests.extend(_digests(config, table, names, file_uids, sources))
+        file_phash = _perceptual(config, table, names, file_uids, sources)
+        phashes[part], has_phash[part] = file_phash.phash, file_phash.has_phash
+        if colour is not None:
+            colour[part], has_colour[part] = file_phash.colour, file_phash.has_colour
         if config.semantic and config.embedding_column in names:
             column = table.column(config.embedding_column)
             if embeddings is None:
@@ -82,6 +92,7 @@ def read_inputs(
         sha256=digests if config.exact else None,
         phash=phashes if config.perceptual else None,
         has_phash=has_phash if config.perceptual else None,
+        colour=colour, has_colour=has_colour,
         embeddings=embeddings, has_embedding=has_embedding,
         score=_representative_score(config, files, names),
     )  # fmt: skip
@@ -100,34 +111,64 @@ def _wanted_columns(config: DedupConfig, names: set[str]) -> list[str]:
     return sorted({c for c in wanted if c and c in names})
 
 
-def _hashes(config, table: pa.Table, names: set[str], uids: list[str], sources: RunSources):
-    """sha256 hex digests and (pHash, present) for one file: from its columns, else from its
-    image bytes, else from the run's download tables and tars."""
-    rows = table.num_rows
-    digests: list[str | None] = [None] * rows
-    phash, present = np.zeros(rows, np.int64), np.zeros(rows, bool)
-    images = table.column(config.image_column) if config.image_column in names else None
-    if config.exact:
-        if config.sha256_column in names:
-            digests = table.column(config.sha256_column).to_pylist()
-        elif images is not None:
-            digests = [sha256_hex(b) if b else None for b in _iter_bytes(images)]
-        else:
-            digests = [sources.sha256.get(uid) for uid in uids]
-    if config.perceptual:
-        if config.phash_column in names:
-            column = table.column(config.phash_column)
-            present = column.is_valid().to_numpy(zero_copy_only=False)
-            phash = column.fill_null(0).cast(pa.int64()).to_numpy()
-        elif images is not None:
-            for row, data in enumerate(_iter_bytes(images)):
-                if data:
-                    phash[row], present[row] = phash_bytes(data), True
-        else:
-            for row, uid in enumerate(uids):
-                if uid in sources.phash:
-                    phash[row], present[row] = sources.phash[uid], True
-    return digests, (phash, present)
+def _colour_from_bytes(config: DedupConfig, names: set[str]) -> bool:
+    """Whether pHashes are computed from image bytes (the table's or the run's tars), so that
+    colour descriptors come with them. A pHash column has no image decoded beside it."""
+    return config.perceptual and config.colour_check and config.phash_column not in names
+
+
+def _digests(config, table: pa.Table, names: set[str], uids: list[str], sources: RunSources):
+    """sha256 hex digests for one file: from its column, else from its image bytes, else
+    from the run's download tables."""
+    if not config.exact:
+        return [None] * table.num_rows
+    if config.sha256_column in names:
+        return table.column(config.sha256_column).to_pylist()
+    if config.image_column in names:
+        images = table.column(config.image_column)
+        return [sha256_hex(b) if b else None for b in _iter_bytes(images)]
+    return [sources.sha256.get(uid) for uid in uids]
+
+
+@dataclass
+class _PerceptualPart:
+    """pHashes and colour descriptors of one file's rows, with their presence masks."""
+
+    phash: np.ndarray  # (rows,) int64
+    has_phash: np.ndarray  # (rows,) bool
+    colour: np.ndarray  # (rows, 192) float16
+    has_colour: np.ndarray  # (rows,) bool
+
+    @classmethod
+    def empty(cls, rows: int) -> _PerceptualPart:
+        return cls(np.zeros(rows, np.int64), np.zeros(rows, bool),
+                   np.zeros((rows, COLOUR_DIM), np.float16), np.zeros(rows, bool))  # fmt: skip
+
+    def set(self, row: int, code: int, colour: np.ndarray | None) -> None:
+        self.phash[row], self.has_phash[row] = code, True
+        if colour is not None:
+            self.colour[row], self.has_colour[row] = colour, True
+
+
+def _perceptual(config, table: pa.Table, names: set[str], uids: list[str], sources: RunSources):
+    """pHashes (and colour descriptors) for one file: from its pHash column (no descriptors),
+    else from its image bytes, else from the run's download tars."""
+    part = _PerceptualPart.empty(table.num_rows)
+    if not config.perceptual:
+        return part
+    if config.phash_column in names:
+        column = table.column(config.phash_column)
+        part.has_phash[:] = column.is_valid().to_numpy(zero_copy_only=False)
+        part.phash[:] = column.fill_null(0).cast(pa.int64()).to_numpy()
+    elif config.image_column in names:
+        for row, data in enumerate(_iter_bytes(table.column(config.image_column))):
+            if data:
+                part.set(row, *perceptual_signature(data))
+    else:
+        for row, uid in enumerate(uids):
+            if uid in sources.phash:
+                part.set(row, sources.phash[uid], sources.colour.get(uid))
+    return part
 
 
 def _iter_bytes(column: pa.ChunkedArray):

@@ -46,7 +46,10 @@ class Pairs:
         )
 
     def at_least(self, threshold: float) -> Pairs:
-        keep = self.sim >= threshold
+        return self.where(self.sim >= threshold)
+
+    def where(self, keep: np.ndarray) -> Pairs:
+        """The pairs where the (P,) boolean mask `keep` is true."""
         return Pairs(self.i[keep], self.j[keep], self.sim[keep])
 
     def restricted_to(self, rows: np.ndarray) -> Pairs:

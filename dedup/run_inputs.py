@@ -1,8 +1,9 @@
 """What dedup reads from a run directory besides the score tables.
 
 - `download/*.parquet`: `download_sha256` of each image's original bytes (exact dedup);
-- `download/*.tar`: the original images, hashed with pHash when no pHash column exists
-  (decoded in JPEG draft mode at about 64 px, so a hash costs ~1 ms, not a full decode);
+- `download/*.tar`: the original images, hashed with pHash (and described by their colour
+  layout) when no pHash column exists (decoded in JPEG draft mode at about 64 px, so a hash
+  costs ~1 ms, not a full decode);
 - `select/kept.parquet`: only samples that select kept take part.
 """
 
@@ -12,12 +13,13 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from dedup.config import DedupConfig
-from dedup.perceptual import phash_bytes
+from dedup.perceptual import perceptual_signature
 
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}
 
@@ -26,6 +28,7 @@ IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}
 class RunSources:
     sha256: dict[str, str] = field(default_factory=dict)  # uid -> hex digest
     phash: dict[str, int] = field(default_factory=dict)  # uid -> signed 64-bit pHash
+    colour: dict[str, np.ndarray] = field(default_factory=dict)  # uid -> colour descriptor
     selected: set[str] | None = None  # None: no select stage ran; everyone takes part
     decision_files: list[Path] = field(default_factory=list)  # inputs whose change redoes dedup
 
@@ -47,7 +50,10 @@ def read_run_sources(
                     sources.sha256[uid] = digest
     if config.perceptual:
         for tar in tqdm(sorted((run_dir / "download").glob("*.tar")), desc="phash"):
-            sources.phash.update(phash_tar(tar, uids))
+            for uid, (code, colour) in tar_signatures(tar, uids).items():
+                sources.phash[uid] = code
+                if config.colour_check and colour is not None:
+                    sources.colour[uid] = colour
     kept = run_dir / "select" / "kept.parquet"
     if kept.exists():
         table = pq.read_table(kept, columns=["uid", "select_kept"])
@@ -57,9 +63,12 @@ def read_run_sources(
     return sources
 
 
-def phash_tar(path: Path, uids: set[str] | None = None) -> dict[str, int]:
-    """pHash of each original image in a WebDataset tar (`<uid>.<ext>`), by uid."""
-    hashes = {}
+def tar_signatures(
+    path: Path, uids: set[str] | None = None
+) -> dict[str, tuple[int, np.ndarray | None]]:
+    """(pHash, colour descriptor) of each original image in a WebDataset tar (`<uid>.<ext>`),
+    by uid."""
+    signatures = {}
     with tarfile.open(path, "r:") as tar:
         for member in tar:
             key, _, ext = member.name.rpartition("/")[2].partition(".")
@@ -69,7 +78,7 @@ def phash_tar(path: Path, uids: set[str] | None = None) -> dict[str, int]:
                 continue
             data = tar.extractfile(member).read()
             try:
-                hashes[key] = phash_bytes(data)
+                signatures[key] = perceptual_signature(data)
             except OSError:  # undecodable: score already recorded why; no pHash for it
                 continue
-    return hashes
+    return signatures

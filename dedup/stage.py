@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from dedup.config import DedupConfig
 from dedup.exact import exact_labels
 from dedup.inputs import DedupInputs, list_inputs, read_inputs
-from dedup.perceptual import phash_pairs
+from dedup.pairs import Pairs
+from dedup.perceptual import colour_confirmed, phash_pairs
 from dedup.representatives import (
     Decisions,
     group_roots,
@@ -88,9 +89,9 @@ def deduplicate(
         record("exact", before)
     if inputs.phash is not None:
         rows = np.flatnonzero(inputs.active & inputs.has_phash & ~decisions.dropped)
-        pairs = phash_pairs(inputs.phash[rows], config.phash_max_distance, config.phash_index)
+        pairs = _perceptual_pairs(config, inputs, rows)
         before = decisions.dropped
-        resolve_pairs(pairs.restricted_to(rows), rank, decisions)
+        resolve_pairs(pairs, rank, decisions)
         record("perceptual", before)
     points = None
     if config.semantic and inputs.embeddings is not None:
@@ -100,6 +101,16 @@ def deduplicate(
         resolve_pairs(pairs.at_least(config.semantic_threshold), rank, decisions)
         record("semantic", before)
     return DedupOutcome(decisions, method, points)
+
+
+def _perceptual_pairs(config: DedupConfig, inputs: DedupInputs, rows: np.ndarray) -> Pairs:
+    """pHash pairs among `rows` (full-table indices), confirmed by colour layout where both
+    images have a descriptor; a pair's similarity stays 1 - distance / 64."""
+    pairs = phash_pairs(inputs.phash[rows], config.phash_max_distance, config.phash_index)
+    pairs = pairs.restricted_to(rows)
+    if not config.colour_check or inputs.colour is None:  # pHashes from a column: no colour
+        return pairs
+    return colour_confirmed(pairs, inputs.colour, inputs.has_colour, config.colour_min_similarity)
 
 
 def _semantic_pairs(config, embeddings, rows, rank, decisions, run_tiles):

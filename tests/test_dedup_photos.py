@@ -1,5 +1,6 @@
 """Planted near-duplicates of real photos (scikit-image's sample images) are grouped with
-their original by pHash and by an image descriptor; distinct photos are not."""
+their original by pHash (confirmed by its colour check) and by an image descriptor; distinct
+photos are not."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from PIL import Image, ImageEnhance
 
 from dedup.config import DedupConfig
 from dedup.pairs import Pairs
-from dedup.perceptual import hamming, phash, phash_bytes, phash_pairs
+from dedup.perceptual import (
+    COLOUR_DIM,
+    colour_confirmed,
+    colour_similarity,
+    hamming,
+    perceptual_signature,
+    phash,
+    phash_pairs,
+)
 from dedup.representatives import group_roots, priority_rank, resolve_pairs
 from dedup.semantic import SemanticDeduplicator
 
@@ -94,9 +103,19 @@ def test_phash_is_stable_under_edits_and_differs_between_photos(photos):
     assert copy_distance <= DedupConfig.phash_max_distance < distinct_distance
 
 
+def signatures(encoded: list[bytes]):
+    """pHash codes, colour descriptors and their presence, as the dedup step computes them."""
+    codes, colours = zip(*(perceptual_signature(data) for data in encoded), strict=True)
+    has_colour = np.array([c is not None for c in colours])
+    colour = np.stack([np.zeros(COLOUR_DIM, np.float16) if c is None else c for c in colours])
+    return np.array(codes), colour, has_colour
+
+
 def test_phash_of_jpeg_bytes_matches_decoded_image():
     image = photo("astronaut")
-    assert hamming(phash_bytes(jpeg(image)), phash(image)) <= 2
+    code, colour = perceptual_signature(jpeg(image))
+    assert hamming(code, phash(image)) <= 2
+    assert colour.shape == (COLOUR_DIM,) and colour.dtype == np.float16
 
 
 def _grouped_with_origin(pairs: Pairs, origin: np.ndarray) -> np.ndarray:
@@ -105,15 +124,23 @@ def _grouped_with_origin(pairs: Pairs, origin: np.ndarray) -> np.ndarray:
     return roots
 
 
-def test_phash_search_groups_copies_with_their_original_only(photos):
+def test_phash_search_with_colour_check_groups_copies_with_their_original_only(photos):
     images, origin = photos
     keep = [i for i in range(len(images)) if edit_of(i) != "cropped"]
-    codes = np.array([phash(images[i]) for i in keep])
+    codes, colour, has_colour = signatures([jpeg(images[i]) for i in keep])
+    assert has_colour.all()
+    # Resized, recompressed (JPEG 25) and tinted copies keep their colour layout.
+    copies = [k for k, i in enumerate(keep) if edit_of(i)]
+    originals = [keep.index(origin[keep[k]]) for k in copies]
+    similarity = colour_similarity(colour[copies], colour[originals])
+    assert similarity.min() >= DedupConfig.colour_min_similarity
     for kind in ("flat", "multihash"):
         pairs = phash_pairs(codes, DedupConfig.phash_max_distance, kind)
-        roots = _grouped_with_origin(pairs, origin[keep])
-        # The original comes first, so "first seen kept" keeps exactly the originals.
-        assert np.array_equal(roots, origin[keep]), kind
+        confirmed = colour_confirmed(pairs, colour, has_colour, DedupConfig.colour_min_similarity)
+        for found in (pairs, confirmed):
+            roots = _grouped_with_origin(found, origin[keep])
+            # The original comes first, so "first seen kept" keeps exactly the originals.
+            assert np.array_equal(roots, origin[keep]), kind
 
 
 def test_descriptor_dedup_groups_copies_with_their_original_only(photos):

@@ -9,7 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_dedup_photos import EDITS, PHOTOS, descriptor, edited, jpeg, photo
+from PIL import Image
+from test_dedup_colour import COPIES, recoloured_scenes
+from test_dedup_photos import EDITS, PHOTOS, descriptor, edited, jpeg, photo, signatures
 
 from dedup.cli import main as dedup_main
 from dedup.config import DedupConfig
@@ -136,9 +138,10 @@ def test_cli_writes_resolved_config_and_rejects_bad_values(score_dir, tmp_path, 
     assert 'semantic_mode = "sd3"' in resolved and "n_clusters = 3" in resolved
     assert "kept" in capsys.readouterr().out
     assert read_output(out)["rocket_cropped"]["dedup_status"] == "dropped"
-    bad = dedup_main(["--input", str(score_dir), "--out", str(out), "--dedup.semantic_mode=x"])
-    assert bad == 2
-    assert "semantic_mode" in capsys.readouterr().err
+    for key, value in (("semantic_mode", "x"), ("colour_min_similarity", "1.5")):
+        bad = dedup_main(["--input", str(score_dir), "--out", str(out), f"--dedup.{key}={value}"])
+        assert bad == 2
+        assert key in capsys.readouterr().err
 
 
 def write_run_dir(run_dir, rows) -> None:
@@ -178,3 +181,36 @@ def test_run_dir_step_reads_download_hashes_images_and_selection(tmp_path):
     pq.write_table(pa.table({"uid": [r[0] for r in rows], "select_kept": [True] * len(rows)}),
                    tmp_path / "select" / "kept.parquet")  # fmt: skip
     assert run_dedup_for_run(config, tmp_path).ran  # a changed selection redoes dedup
+
+
+def dropped_uids(rows: dict[str, dict]) -> set[str]:
+    return {uid for uid, row in rows.items() if row["dedup_status"] == "dropped"}
+
+
+def test_colour_check_keeps_recoloured_shapes_apart_but_drops_their_copies(tmp_path):
+    encoded, uids, _ = recoloured_scenes()
+    rows = [(uid, data, descriptor(Image.open(io.BytesIO(data))), 5.0)
+            for uid, data in zip(uids, encoded, strict=True)]  # fmt: skip
+    write_score_tables(tmp_path / "score", rows, files=1)
+    config = photo_config(semantic=False, sweep=False)
+    run_dedup(config, tmp_path / "score", tmp_path / "checked")
+    checked = read_output(tmp_path / "checked")
+    copies = {uid for uid in uids if uid.endswith(COPIES)}
+    assert dropped_uids(checked) == copies
+    for uid in copies:
+        row = checked[uid]
+        assert row["dedup_reason"] == "perceptual_duplicate"
+        assert row["dedup_representative"] == uid.rpartition("_")[0]
+        bits = (1.0 - row["dedup_similarity"]) * 64  # still 1 - pHash distance / 64
+        assert abs(bits - round(bits)) < 1e-4 and bits <= config.phash_max_distance
+    # Without the check, or with pHashes from a column (no image decoded, no colour
+    # descriptor), pHash alone decides and groups different colours.
+    run_dedup(photo_config(semantic=False, sweep=False, colour_check=False),
+              tmp_path / "score", tmp_path / "unchecked")  # fmt: skip
+    table = pq.read_table(tmp_path / "score" / "00000.parquet")
+    codes, _, _ = signatures(encoded)
+    pq.write_table(table.append_column("score_phash", pa.array(codes, pa.int64())),
+                   tmp_path / "score" / "00000.parquet")  # fmt: skip
+    run_dedup(config, tmp_path / "score", tmp_path / "from_column")
+    for name in ("unchecked", "from_column"):
+        assert dropped_uids(read_output(tmp_path / name)) > copies, name
