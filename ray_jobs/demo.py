@@ -37,8 +37,8 @@ class DemoSize:
     sample_steps: int
 
 
-FULL = DemoSize(world_images=1500, heldout=48, vae_seconds=210, vae_steps=1500,
-                train_steps=1000, checkpoint_every=250, sample_steps=20)
+FULL = DemoSize(world_images=1500, heldout=48, vae_seconds=100, vae_steps=5000,
+                train_steps=1200, checkpoint_every=300, sample_steps=20)
 QUICK = DemoSize(world_images=200, heldout=12, vae_seconds=12, vae_steps=150,
                  train_steps=30, checkpoint_every=15, sample_steps=8)
 
@@ -101,7 +101,12 @@ def curate_sections(run_dir: Path, models: Path, urls: Path, stages: list[str]) 
 def train_vae(run_dir: Path, models: Path, size: DemoSize):
     from train.autoencoder import AutoencoderTrainConfig, load_images, train_autoencoder
 
+    # Downsample 4, not SD3's 8: the world's images are 64 px and its small objects 10 px, so
+    # 8x8 latents would give an object about one latent pixel, and a CPU-trained autoencoder
+    # then loses its colour (read back from reconstructions: 63% of hues right after 210 s at
+    # 8x, 98% after 90 s at 4x; train/autoencoder.py).
     config = AutoencoderTrainConfig(time_budget_s=size.vae_seconds, steps=size.vae_steps,
+                                    block_out_channels=(16, 32, 64),
                                     heldout_images=min(64, size.world_images // 8))
     images = load_images(run_dir / "download", config.image_size)
     return train_autoencoder(images, models / "sd3" / "vae", config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,9 +48,29 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _evaluate(name, step, model, sd3_dir, prompts, truths, colours, sample_steps, image_size):
-    images = generate_images(model, sd3_dir, prompts, steps=sample_steps, cfg=4.0, shift=1.0,
-                             height=image_size, width=image_size, seed=1234)
+@dataclass
+class SamplingSettings:
+    """How every model is sampled: the run's own validation settings, so the demo samples
+    with the shift the model was trained for."""
+
+    steps: int
+    cfg: float
+    shift: float
+    image_size: int = 64
+    seed: int = 1234
+
+    @classmethod
+    def of_run(cls, train_dir: Path, steps: int, image_size: int = 64) -> SamplingSettings:
+        resolved = tomllib.loads((Path(train_dir) / "config.resolved.toml").read_text())
+        validation = resolved["validation"]
+        return cls(steps, float(validation["cfg_scale"]), float(validation["sample_shift"]),
+                   image_size)
+
+
+def _evaluate(name, step, model, sd3_dir, prompts, truths, colours, sampling: SamplingSettings):
+    images = generate_images(model, sd3_dir, prompts, steps=sampling.steps, cfg=sampling.cfg,
+                             shift=sampling.shift, height=sampling.image_size,
+                             width=sampling.image_size, seed=sampling.seed)
     detections = [detect(image, colours) for image in images]
     notes = [f"{d.count} {d.size} {d.colour} {d.shape}, {d.position}, {d.background}"
              for d in detections]
@@ -77,12 +98,13 @@ def evaluate_checkpoints(
     if not checkpoints:
         raise FileNotFoundError(f"{train_dir}/checkpoints holds no checkpoint to evaluate")
     config = MMDiTConfig(**json.loads((checkpoints[0] / "model_config.json").read_text()))
+    sampling = SamplingSettings.of_run(train_dir, sample_steps, image_size)
     torch.manual_seed(0)
     evaluations = [_evaluate("untrained", 0, MMDiT(config).eval(), sd3_dir, prompts, truths,
-                             colours, sample_steps, image_size)]
+                             colours, sampling)]
     for checkpoint in checkpoints:
         step = int(checkpoint.name.split("-")[-1])
         model = load_trained_model(checkpoint, "ema").eval()
         evaluations.append(_evaluate(f"step {step}", step, model, sd3_dir, prompts, truths,
-                                     colours, sample_steps, image_size))
+                                     colours, sampling))
     return DemoEvaluation(prompts, truths, evaluations, read_val_losses(Path(train_dir)))
