@@ -131,6 +131,15 @@ def train_mmdit(out: Path, size: DemoSize) -> Path:
     return out / "train"
 
 
+def _stop_embedded_ray() -> None:
+    """Curation is done: the embedded Ray's idle workers and actors would only take memory
+    and CPU time from training on the same two cores."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def run_demo(out: Path, quick: bool) -> Path:
     from model.tiny import make_tiny_bundle
     from pipeline.local_server import LocalImageServer
@@ -160,6 +169,7 @@ def run_demo(out: Path, quick: bool) -> Path:
         curate(curate_sections(out / "heldout", models, heldout_urls(urls),
                                ["download", "encode"]))
         timings["encode"] = time.monotonic() - t
+    _stop_embedded_ray()
     t = _step(f"train: MMDiT, {size.train_steps} steps")
     train_dir = train_mmdit(out, size)
     timings["train"] = time.monotonic() - t
