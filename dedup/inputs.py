@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dedup.config import DedupConfig
 from dedup.exact import sha256_hex
-from dedup.perceptual import COLOUR_DIM, perceptual_signature
+from dedup.perceptual import COLOUR_DIM, signature_or_none
 from dedup.run_inputs import RunSources
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,9 @@ def _perceptual(config, table: pa.Table, names: set[str], uids: list[str], sourc
         part.phash[:] = column.fill_null(0).cast(pa.int64()).to_numpy()
     elif config.image_column in names:
         for row, data in enumerate(_iter_bytes(table.column(config.image_column))):
-            if data:
-                part.set(row, *perceptual_signature(data))
+            signature = signature_or_none(data)
+            if signature is not None:
+                part.set(row, *signature)
     else:
         for row, uid in enumerate(uids):
             if uid in sources.phash:

@@ -75,6 +75,18 @@ def perceptual_signature(data: bytes) -> tuple[int, np.ndarray | None]:
         return phash(image), colour_layout(image)
 
 
+def signature_or_none(data: bytes | None) -> tuple[int, np.ndarray | None] | None:
+    """`perceptual_signature`, or None when the bytes do not decode (truncated, not an image,
+    a decompression bomb): such an image takes no part in perceptual dedup; why it failed is
+    the score stage's to record."""
+    if not data:
+        return None
+    try:
+        return perceptual_signature(data)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def colour_confirmed(
     pairs: Pairs,
     colour: np.ndarray,

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from dedup.config import DedupConfig
-from dedup.perceptual import perceptual_signature
+from dedup.perceptual import signature_or_none
 
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}
 
@@ -76,9 +76,7 @@ def tar_signatures(
                 continue  # metadata, and the `.resized.jpg` copies
             if uids is not None and key not in uids:
                 continue
-            data = tar.extractfile(member).read()
-            try:
-                signatures[key] = perceptual_signature(data)
-            except OSError:  # undecodable: score already recorded why; no pHash for it
-                continue
+            signature = signature_or_none(tar.extractfile(member).read())
+            if signature is not None:
+                signatures[key] = signature
     return signatures

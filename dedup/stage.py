@@ -173,7 +173,7 @@ def run_dedup(
     files = list_inputs(input_dir)
     if not files:
         raise FileNotFoundError(f"no Parquet tables in {input_dir}")
-    fingerprint = config_hash(config)
+    fingerprint = config_hash(_decisions_only(config))
     # Cheap part first: which files decide the outcome (pHashing tars waits until needed).
     decision_files = read_run_sources(run_dir, _no_hashes(config)).decision_files if run_dir else []
     checked = files + decision_files
@@ -201,6 +201,15 @@ def run_dedup(
         manifest.rows_in = int(inputs.active.sum())
         manifest.rows_out = manifest.rows_in - sum(reasons.values())
     return DedupRun(manifest, ran=True)
+
+
+def _decisions_only(config: DedupConfig) -> DedupConfig:
+    """The config without its execution settings: where and in how many threads the search
+    runs does not change a decision (Ray and in-process output are tested equal), so
+    switching backend must not redo a finished dedup."""
+    defaults = DedupConfig()
+    return replace(config, backend=defaults.backend, num_threads=defaults.num_threads,
+                   max_task_mb=defaults.max_task_mb, chunk_rows=defaults.chunk_rows)
 
 
 def _no_hashes(config: DedupConfig) -> DedupConfig:

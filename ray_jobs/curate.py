@@ -88,7 +88,8 @@ def select_stage(sections: dict, run_dir: Path) -> None:
 
 
 def dedup_stage(sections: dict, run_dir: Path) -> None:
-    run_dedup_for_run(sections["dedup"], run_dir)
+    # On a Ray job the per-cluster search runs as Ray tasks too.
+    run_dedup_for_run(replace(sections["dedup"], backend=sections["run"].backend), run_dir)
 
 
 def caption_stage(sections: dict, run_dir: Path) -> None:

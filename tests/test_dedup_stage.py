@@ -214,3 +214,20 @@ def test_colour_check_keeps_recoloured_shapes_apart_but_drops_their_copies(tmp_p
     run_dedup(config, tmp_path / "score", tmp_path / "from_column")
     for name in ("unchecked", "from_column"):
         assert dropped_uids(read_output(tmp_path / name)) > copies, name
+
+
+def test_undecodable_image_bytes_take_no_part_instead_of_crashing(tmp_path):
+    rows = photo_rows()[:10]
+    good = rows[1]  # an edited copy of the first photo
+    broken = [
+        ("truncated", good[1][: len(good[1]) // 3], good[2], 1.0),
+        ("html_as_jpeg", b"<html><body>not found</body></html>", good[2], 1.0),
+    ]
+    write_score_tables(tmp_path / "score", rows + broken, files=1)
+    config = photo_config(semantic=False)
+    assert run_dedup(config, tmp_path / "score", tmp_path / "dedup").ran
+    out = read_output(tmp_path / "dedup")
+    assert out["truncated"]["dedup_reason"] != "perceptual_duplicate"
+    assert out["html_as_jpeg"]["dedup_status"] == "kept"
+    # The decodable copies are still found.
+    assert out[rows[1][0]]["dedup_reason"] == "perceptual_duplicate"
