@@ -5,6 +5,7 @@ config, weights and precision. Steps of the two models are interleaved in rounds
 load from other processes hits both alike; the median round is reported.
 
   CPU (issue 3):  python benchmarks/bench_mmdit.py
+  Demo's model:   python benchmarks/bench_mmdit.py --demo --settings eager-fp32 eager-bf16
   GPU:            python benchmarks/bench_mmdit.py --gpu   (bf16, d = 24, 256^2, MFU)
   Profile:        python benchmarks/bench_mmdit.py --profile --settings eager-fp32
 """
@@ -40,6 +41,16 @@ class Workload:
 def cpu_workload() -> Workload:
     # d = 4 (hidden 256, 4 heads of 64), 32 x 32 latents, 154 x 4096 text, batch 8.
     return Workload(MMDiTConfig.from_preset("d4"), 8, 32, 154, "cpu")
+
+
+def demo_workload() -> Workload:
+    # The demo's MMDiT (configs/train_demo.toml): hidden 128 (4 heads of 32), 4 blocks,
+    # 16 x 16 latents, 24 + 24 text tokens of width 64, batch 16.
+    config = MMDiTConfig.from_preset(
+        "tiny", num_layers=4, num_attention_heads=4, attention_head_dim=32,
+        caption_projection_dim=128, joint_attention_dim=64, pooled_projection_dim=64,
+        sample_size=16, pos_embed_max_size=16)
+    return Workload(config, 16, 16, 48, "cpu")
 
 
 def gpu_workload(batch: int) -> Workload:
@@ -166,6 +177,7 @@ def profile_setting(work: Workload, setting: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="bf16, d = 24, 256^2 on CUDA; MFU")
+    parser.add_argument("--demo", action="store_true", help="the demo's tiny MMDiT on CPU")
     parser.add_argument("--batch", type=int, default=None, help="default 8 (CPU) / 32 (GPU)")
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=None)
     parser.add_argument("--rounds", type=int, default=5)
@@ -175,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-flops", type=float, default=None, help="override the GPU peak")
     args = parser.parse_args(argv)
 
-    work = gpu_workload(args.batch or 32) if args.gpu else cpu_workload()
+    work = (gpu_workload(args.batch or 32) if args.gpu
+            else demo_workload() if args.demo else cpu_workload())
     if args.batch and not args.gpu:
         work.batch = args.batch
     settings = args.settings or (["eager-bf16", "compiled-bf16"] if args.gpu else list(SETTINGS))

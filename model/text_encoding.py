@@ -41,7 +41,7 @@ class TextEncoders:
 class PromptEmbeddings:
     """Per-encoder outputs for a batch of B prompts."""
 
-    clip_l_hidden: torch.Tensor  # (B, 77, D_l) penultimate layer (768 for CLIP-L)
+    clip_l_hidden: torch.Tensor  # (B, 77, D_l) penultimate layer (768 for CLIP-L); 77 or less
     clip_l_pooled: torch.Tensor  # (B, P_l) projected text embedding (768)
     clip_g_hidden: torch.Tensor  # (B, 77, D_g) penultimate layer (1280 for bigG)
     clip_g_pooled: torch.Tensor  # (B, P_g) projected text embedding (1280)
@@ -63,10 +63,19 @@ def _tokenize(
 
 
 def encode_clip(
-    tokenizer: PreTrainedTokenizerBase, encoder: CLIPTextModelWithProjection, prompts: list[str]
+    tokenizer: PreTrainedTokenizerBase,
+    encoder: CLIPTextModelWithProjection,
+    prompts: list[str],
+    max_length: int = CLIP_MAX_LENGTH,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penultimate hidden states (B, 77, D), pooled projection (B, P)) of one CLIP encoder."""
-    input_ids = _tokenize(tokenizer, prompts, CLIP_MAX_LENGTH).to(encoder.device)
+    """(penultimate hidden states (B, max_length, D), pooled projection (B, P)) of one CLIP.
+
+    CLIP's attention is causal, so a shorter max_length leaves the states of the kept
+    positions unchanged: it only drops trailing padding (and truncates longer prompts).
+    """
+    if not 1 <= max_length <= CLIP_MAX_LENGTH:
+        raise ValueError(f"CLIP max_length={max_length}: CLIP has {CLIP_MAX_LENGTH} positions")
+    input_ids = _tokenize(tokenizer, prompts, max_length).to(encoder.device)
     output = encoder(input_ids, output_hidden_states=True)
     return output.hidden_states[-2], output.text_embeds
 
@@ -84,12 +93,19 @@ def encode_t5(
 
 @torch.no_grad()
 def encode_prompts(
-    encoders: TextEncoders, prompts: list[str], t5_max_length: int = DEFAULT_T5_MAX_LENGTH
+    encoders: TextEncoders,
+    prompts: list[str],
+    t5_max_length: int = DEFAULT_T5_MAX_LENGTH,
+    clip_max_length: int = CLIP_MAX_LENGTH,
 ) -> PromptEmbeddings:
     """Encode a batch of prompts with every loaded encoder (T5 only when loaded)."""
     prompts = list(prompts)
-    clip_l_hidden, clip_l_pooled = encode_clip(encoders.tokenizer_l, encoders.encoder_l, prompts)
-    clip_g_hidden, clip_g_pooled = encode_clip(encoders.tokenizer_g, encoders.encoder_g, prompts)
+    clip_l_hidden, clip_l_pooled = encode_clip(
+        encoders.tokenizer_l, encoders.encoder_l, prompts, clip_max_length
+    )
+    clip_g_hidden, clip_g_pooled = encode_clip(
+        encoders.tokenizer_g, encoders.encoder_g, prompts, clip_max_length
+    )
     t5_hidden = None
     if encoders.encoder_t5 is not None:
         t5_hidden = encode_t5(encoders.tokenizer_t5, encoders.encoder_t5, prompts, t5_max_length)
@@ -102,6 +118,8 @@ def assemble_conditioning(
     t5_length: int = DEFAULT_T5_MAX_LENGTH,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(context (B, 77 + T, D_t5), pooled (B, P_l + P_g)) as diffusers' SD3 pipeline builds them.
+
+    (77 is the CLIP length: less when the prompts were encoded with a shorter clip_max_length.)
 
     Without T5 the T5 block is zeros of (B, t5_length, t5_width), like diffusers does when
     text_encoder_3 is None; t5_width is then the transformer's joint_attention_dim.

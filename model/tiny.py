@@ -154,9 +154,12 @@ def _mmdit(seed: int) -> SD3Transformer2DModel:
     ).eval()
 
 
-def write_tiny_sd3(out_dir: Path, seed: int, corpus: list[str]) -> Path:
+def write_tiny_sd3(out_dir: Path, seed: int) -> Path:
     """A diffusers SD3 folder that StableDiffusion3Pipeline.from_pretrained loads."""
-    tokenizer_3 = build_t5_tokenizer(corpus, out_dir / "tokenizer_3")
+    # A word-level T5 vocabulary, like the real one (32k pieces): a caption becomes ~15 pieces,
+    # not 40+ characters, so the T5 context can be as short as with real models.
+    t5_corpus = english_corpus(seed, num_lines=6000, num_words=8000)
+    tokenizer_3 = build_t5_tokenizer(t5_corpus, out_dir / "tokenizer_3", vocab_size=8000)
     pipeline = StableDiffusion3Pipeline(
         transformer=_mmdit(seed),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
@@ -279,7 +282,7 @@ def make_tiny_bundle(out_dir: str | Path, seed: int = 0) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = english_corpus(seed)
     writers = [
-        ("sd3", lambda: write_tiny_sd3(out_dir / "sd3", seed, corpus)),
+        ("sd3", lambda: write_tiny_sd3(out_dir / "sd3", seed)),
         ("open_clip", lambda: write_tiny_open_clip(out_dir / "open_clip", seed)),
         ("captioner", lambda: write_tiny_captioner(out_dir / "captioner", seed, corpus)),
     ]

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from model.loading import load_text_encoders, load_vae
-from model.text_encoding import encode_prompts
+from model.text_encoding import CLIP_MAX_LENGTH, encode_prompts
 from pipeline.buckets import (
     BucketConfig,
     Placement,
@@ -81,6 +81,9 @@ class EncodeConfig:
     text_dtype: Literal["float16", "bfloat16"] = "float16"
     latent_std: bool = True  # store the latent distribution's std beside its mean
     t5_max_length: int = 77  # the paper's 77 (diffusers' pipeline defaults to 256)
+    # SD3 keeps all 77 CLIP positions. CLIP is causal, so fewer only drop trailing padding
+    # states: a cheaper context for short captions (the demo's are <= 16 tokens).
+    clip_max_length: int = 77
     batch_size: int = 16
     decode_threads: int = 4  # images decode in threads, one batch ahead of the models
     device: str = "auto"  # auto: cuda when available, else cpu
@@ -94,6 +97,8 @@ class EncodeConfig:
     def __post_init__(self):
         if min(self.batch_size, self.t5_max_length, self.decode_threads) < 1:
             raise ValueError("batch_size, t5_max_length and decode_threads must be at least 1")
+        if not 1 <= self.clip_max_length <= CLIP_MAX_LENGTH:
+            raise ValueError(f"clip_max_length={self.clip_max_length}: CLIP allows 1..{CLIP_MAX_LENGTH}")
 
 
 class EncodeStage(Stage):
@@ -256,7 +261,8 @@ class EncodeStage(Stage):
         keys = [(i, v) for i, item in enumerate(items) for v in item]
         if not keys:
             return []
-        out = encode_prompts(self.text_encoders, [items[i][v] for i, v in keys], self.config.t5_max_length)
+        out = encode_prompts(self.text_encoders, [items[i][v] for i, v in keys],
+                             self.config.t5_max_length, self.config.clip_max_length)
         parts = {"clip_l": out.clip_l_hidden, "clip_l_pooled": out.clip_l_pooled,
                  "clip_g": out.clip_g_hidden, "clip_g_pooled": out.clip_g_pooled, "t5": out.t5_hidden}
         result: list[dict] = [{} for _ in items]
@@ -283,6 +289,7 @@ def run_encode(
         vae=VaeInfo(""), text_encoders={}, buckets=[list(b) for b in make_buckets(config.bucket)],
         variants=variants, latent_dtype=config.latent_dtype, text_dtype=config.text_dtype,
         latent_std=config.latent_std, t5_max_length=config.t5_max_length,
+        clip_max_length=config.clip_max_length,
         config_hash=config_hash(replace(config, runner=RunnerConfig())),
     )
     return write_dataset_manifest(run_dir / "encode", manifests, base)

@@ -38,7 +38,7 @@ class DemoSize:
 
 
 FULL = DemoSize(world_images=1500, heldout=48, vae_seconds=100, vae_steps=5000,
-                train_steps=1200, checkpoint_every=300, sample_steps=20)
+                train_steps=2400, checkpoint_every=600, sample_steps=20)
 QUICK = DemoSize(world_images=200, heldout=12, vae_seconds=12, vae_steps=150,
                  train_steps=30, checkpoint_every=15, sample_steps=8)
 
@@ -91,9 +91,13 @@ def curate_sections(run_dir: Path, models: Path, urls: Path, stages: list[str]) 
         # The demo trains on original captions, so a rejected synthetic caption (the tiny VLM
         # is random) must not cost the sample.
         "--encode.synthetic_fallback=true",
-        # One 64x64 bucket area: 8x8 latents.
+        # One 64x64 bucket area: 16x16 latents with the demo's downsample-4 autoencoder.
         "--encode.bucket.resolution=64",
         "--encode.bucket.multiple=16",
+        # The world's captions are at most 16 CLIP and 22 T5 tokens: 24 + 24 text tokens
+        # instead of 77 + 77 make each MMDiT step about 1.6x faster (with 64 image tokens).
+        "--encode.clip_max_length=24",
+        "--encode.t5_max_length=24",
     ]
     return load_config(SCHEMA, CONFIGS / "curate_demo.toml", overrides)
 

@@ -172,3 +172,22 @@ def test_inductor_compiled_forward_matches_eager():
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         assert torch.allclose(compiled(x, t, context, pooled), model(x, t, context, pooled), atol=1e-4)
+
+
+def test_attention_under_cpu_autocast_runs_in_fp32_and_returns_bf16():
+    # CPU autocast would run SDPA in bf16 (3-4x slower there); ours computes it in fp32 on
+    # the bf16 inputs, so it must match an fp32 reference to fp32 accuracy, then round.
+    from model.mmdit import attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 40, 4, 32, generator=generator).bfloat16() for _ in range(3))
+    q.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        *(x.float().transpose(1, 2) for x in (q, k, v))
+    ).transpose(1, 2).flatten(2)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 40, 128)
+    torch.testing.assert_close(out.float(), reference.bfloat16().float(), rtol=0, atol=0)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0

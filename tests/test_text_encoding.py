@@ -84,3 +84,31 @@ def test_without_t5_zero_fills_like_diffusers(tiny_models: Path, pipeline):
     torch.testing.assert_close(context, expected_context, atol=1e-5, rtol=0)
     torch.testing.assert_close(pooled, expected_pooled, atol=1e-5, rtol=0)
     assert torch.count_nonzero(context[:, 77:]) == 0
+
+
+def test_shorter_clip_length_keeps_the_kept_positions_and_the_pooled_output(encoders):
+    # CLIP attends causally, so encoding at 24 positions must give exactly the first 24
+    # states (and the same pooled EOS projection) of the full 77 for prompts that fit.
+    prompts = PROMPTS[:2]
+    full = encode_prompts(encoders, prompts, t5_max_length=24)
+    short = encode_prompts(encoders, prompts, t5_max_length=24, clip_max_length=24)
+    assert short.clip_l_hidden.shape == (2, 24, 32) and short.clip_g_hidden.shape == (2, 24, 32)
+    torch.testing.assert_close(short.clip_l_hidden, full.clip_l_hidden[:, :24])
+    torch.testing.assert_close(short.clip_g_hidden, full.clip_g_hidden[:, :24])
+    torch.testing.assert_close(short.clip_l_pooled, full.clip_l_pooled)
+    torch.testing.assert_close(short.clip_g_pooled, full.clip_g_pooled)
+    context, _ = assemble_conditioning(short, t5_length=24)
+    assert context.shape == (2, 24 + 24, 64)
+
+
+def test_clip_length_beyond_its_positions_is_refused(encoders):
+    with pytest.raises(ValueError, match="CLIP has 77 positions"):
+        encode_prompts(encoders, PROMPTS[:1], clip_max_length=78)
+
+
+def test_tiny_t5_tokenizer_keeps_words_whole(encoders):
+    # A word-level vocabulary like the real T5's: a short caption is a few pieces per word,
+    # not one per character, so a 24-token T5 context holds it.
+    caption = "three small blue triangles on the right, on a black background"
+    pieces = encoders.tokenizer_t5(caption).input_ids
+    assert len(pieces) <= 24, encoders.tokenizer_t5.tokenize(caption)

@@ -22,6 +22,7 @@ from train.data import (
     ShardError,
     iterate_tar,
     load_manifest,
+    load_null_prompt,
     make_loader,
     read_shard_index,
 )
@@ -141,6 +142,27 @@ def test_caption_variant_and_encoder_dropout_rates(dataset):
         assert abs(count / n - 0.464) < tolerance, (encoder, count / n)
     kept = n - dropped["t5"]
     assert abs(synthetic / kept - 0.5) < 4 * math.sqrt(0.25 / kept)
+
+
+def test_null_prompt_fill_gives_dropped_encoders_the_encoding_of_the_empty_prompt(dataset):
+    # What sampling's unconditional branch feeds the model (the encoding of ""), so that
+    # classifier-free guidance extrapolates from a branch the model was trained on.
+    from train.data import assemble_context
+
+    manifest = load_manifest(str(dataset))
+    expected_context, expected_pooled = assemble_context(load_null_prompt(str(dataset)))
+    raw = _raw_sample(dataset)
+    for fill in ("null_prompt", "zeros"):
+        config = DataConfig(path=str(dataset), encoder_dropout=1.0, dropout_fill=fill)
+        null = load_null_prompt(str(dataset)) if fill == "null_prompt" else None
+        decoder = SampleDecoder(manifest, config, null)
+        sample = decoder.decode(raw, epoch=0, uid="u0")
+        if fill == "null_prompt":
+            torch.testing.assert_close(sample["context"].float(), expected_context.float())
+            torch.testing.assert_close(sample["pooled"].float(), expected_pooled.float())
+            assert sample["context"].abs().sum() > 0
+        else:
+            assert (sample["context"] == 0).all() and (sample["pooled"] == 0).all()
 
 
 def _t5_mean(raw: dict, variant: str) -> float:

@@ -28,7 +28,8 @@ def test_finetune_export_and_generate_with_stable_diffusion3_pipeline(tmp_path, 
     sd3 = tiny_models / "sd3"
     write_download_run(tmp_path / "curation", shards=2, rows=6)
     run_encode(EncodeConfig(model=str(sd3), bucket=BucketConfig(resolution=64, multiple=16),
-                            batch_size=3), tmp_path / "curation")
+                            batch_size=3, clip_max_length=24, t5_max_length=20),
+               tmp_path / "curation")
     dataset = tmp_path / "curation" / "encode"
     run = tmp_path / "run"
     assert train_main(["--config", str(TINY), f"--data.path={dataset}", f"--run.output_dir={run}",
@@ -57,8 +58,10 @@ def test_finetune_export_and_generate_with_stable_diffusion3_pipeline(tmp_path, 
     samples = tmp_path / "samples"
     assert sample_main(["--sd3", str(sd3), "--checkpoint", str(run / "checkpoints" / "step-00000002"),
                         "--prompt", "a red cube", "--prompt", "a blue ball", "--out", str(samples),
-                        "--steps", "2", "--height", "64", "--width", "64", "--t5-max-length", "77",
-                        "--device", "cpu"]) == 0
+                        "--steps", "2", "--height", "64", "--width", "64", "--device", "cpu"]) == 0
+    # Without --clip/--t5-max-length, sampling uses the lengths the checkpoint trained on.
+    settings = json.loads((samples / "prompts.json").read_text())
+    assert (settings["clip_max_length"], settings["t5_max_length"]) == (24, 20)
     from PIL import Image
 
     pngs = sorted(samples.glob("*.png"))

@@ -18,11 +18,12 @@ import torch
 from PIL import Image
 
 from model.mmdit import MMDiT, MMDiTConfig
+from model.text_encoding import CLIP_MAX_LENGTH, DEFAULT_T5_MAX_LENGTH
 from pipeline.shapes_world import read_scenes
 from train.adherence import detect, evaluate_adherence, truth_of
 from train.checkpoint import list_checkpoints
 from train.export import load_trained_model
-from train.sample import generate_images
+from train.sample import generate_images, text_lengths_of_run
 
 
 @dataclass
@@ -50,27 +51,32 @@ def _png(image: Image.Image) -> bytes:
 
 @dataclass
 class SamplingSettings:
-    """How every model is sampled: the run's own validation settings, so the demo samples
-    with the shift the model was trained for."""
+    """How every model is sampled: the run's own validation settings and text lengths, so
+    the demo samples with the shift and context the model was trained for."""
 
     steps: int
     cfg: float
     shift: float
     image_size: int = 64
     seed: int = 1234
+    clip_max_length: int = CLIP_MAX_LENGTH
+    t5_max_length: int = DEFAULT_T5_MAX_LENGTH
 
     @classmethod
     def of_run(cls, train_dir: Path, steps: int, image_size: int = 64) -> SamplingSettings:
         resolved = tomllib.loads((Path(train_dir) / "config.resolved.toml").read_text())
         validation = resolved["validation"]
+        lengths = text_lengths_of_run(train_dir) or (CLIP_MAX_LENGTH, DEFAULT_T5_MAX_LENGTH)
         return cls(steps, float(validation["cfg_scale"]), float(validation["sample_shift"]),
-                   image_size)
+                   image_size, clip_max_length=lengths[0], t5_max_length=lengths[1])
 
 
 def _evaluate(name, step, model, sd3_dir, prompts, truths, colours, sampling: SamplingSettings):
     images = generate_images(model, sd3_dir, prompts, steps=sampling.steps, cfg=sampling.cfg,
                              shift=sampling.shift, height=sampling.image_size,
-                             width=sampling.image_size, seed=sampling.seed)
+                             width=sampling.image_size, seed=sampling.seed,
+                             t5_max_length=sampling.t5_max_length,
+                             clip_max_length=sampling.clip_max_length)
     detections = [detect(image, colours) for image in images]
     notes = [f"{d.count} {d.size} {d.colour} {d.shape}, {d.position}, {d.background}"
              for d in detections]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,13 @@ from PIL import Image
 from model.convert import load_diffusers_transformer
 from model.loading import load_text_encoders, load_vae
 from model.sampling import sample_euler
-from model.text_encoding import assemble_conditioning, encode_prompts
+from model.text_encoding import (
+    CLIP_MAX_LENGTH,
+    DEFAULT_T5_MAX_LENGTH,
+    assemble_conditioning,
+    encode_prompts,
+)
+from pipeline.training_shards import DatasetManifest
 from train.export import load_trained_model
 
 
@@ -39,7 +46,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--t5-max-length", type=int, default=77)
+    parser.add_argument("--t5-max-length", type=int, default=None,
+                        help="default: the checkpoint's training dataset's, else 77")
+    parser.add_argument("--clip-max-length", type=int, default=None,
+                        help="default: the checkpoint's training dataset's, else 77")
     parser.add_argument("--no-t5", action="store_true", help="drop T5 (zeros, as in training dropout)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
@@ -51,13 +61,31 @@ def load_network(args: argparse.Namespace):
     return load_diffusers_transformer(args.transformer or args.sd3)
 
 
+def text_lengths_of_run(train_dir: str | Path) -> tuple[int, int] | None:
+    """(clip_max_length, t5_max_length) of the dataset a trainer run trained on, or None.
+
+    A model sees its training context lengths at sampling time too: one trained on 24 CLIP
+    tokens has never attended to 53 more padding states.
+    """
+    resolved = Path(train_dir) / "config.resolved.toml"
+    if not resolved.exists():
+        return None
+    data_path = tomllib.loads(resolved.read_text())["data"]["path"]
+    try:
+        manifest = DatasetManifest.load(data_path)
+    except (FileNotFoundError, ValueError):
+        return None
+    return manifest.clip_max_length, manifest.t5_max_length
+
+
 @torch.no_grad()
 def encode_conditions(sd3: str, prompts: list[str], t5_width: int, t5_max_length: int = 77,
-                      use_t5: bool = True, device="cpu") -> tuple[dict, dict]:
+                      use_t5: bool = True, device="cpu",
+                      clip_max_length: int = CLIP_MAX_LENGTH) -> tuple[dict, dict]:
     """(cond, uncond) keyword tensors for the velocity function; uncond encodes ""."""
     encoders = load_text_encoders(sd3, load_t5=use_t5)
-    pairs = [assemble_conditioning(encode_prompts(encoders, texts, t5_max_length), t5_width,
-                                   t5_max_length) for texts in (prompts, [""])]
+    pairs = [assemble_conditioning(encode_prompts(encoders, texts, t5_max_length, clip_max_length),
+                                   t5_width, t5_max_length) for texts in (prompts, [""])]
     cond, null = pairs
     uncond = tuple(x.expand(len(prompts), *x.shape[1:]) for x in null)
     return ({"context": cond[0].to(device), "pooled": cond[1].to(device)},
@@ -67,11 +95,12 @@ def encode_conditions(sd3: str, prompts: list[str], t5_width: int, t5_max_length
 @torch.no_grad()
 def generate_images(model, sd3: str, prompts: list[str], steps: int = 28, cfg: float = 7.0,
                     shift: float = 3.0, height: int = 1024, width: int = 1024, seed: int = 0,
-                    t5_max_length: int = 77, use_t5: bool = True) -> list[Image.Image]:
+                    t5_max_length: int = 77, use_t5: bool = True,
+                    clip_max_length: int = CLIP_MAX_LENGTH) -> list[Image.Image]:
     """Images for `prompts` from an MMDiT `model` with the text encoders and VAE of `sd3`."""
     device = next(model.parameters()).device
     cond, uncond = encode_conditions(sd3, prompts, model.config.joint_attention_dim,
-                                     t5_max_length, use_t5, device)
+                                     t5_max_length, use_t5, device, clip_max_length)
     vae = load_vae(sd3).to(device)
     down = 2 ** (len(vae.config.block_out_channels) - 1)
     shape = (len(prompts), model.config.in_channels, height // down, width // down)
@@ -82,10 +111,21 @@ def generate_images(model, sd3: str, prompts: list[str], steps: int = 28, cfg: f
     return [Image.fromarray((p.cpu().numpy() * 255).round().astype(np.uint8)) for p in pixels]
 
 
-def generate(args: argparse.Namespace, prompts: list[str]) -> list[Image.Image]:
+def text_lengths(args: argparse.Namespace) -> tuple[int, int]:
+    """--clip-max-length / --t5-max-length, defaulting to the checkpoint run's dataset's."""
+    run_lengths = None
+    if args.checkpoint:  # RUN/checkpoints/step-N
+        run_lengths = text_lengths_of_run(Path(args.checkpoint).resolve().parent.parent)
+    clip_default, t5_default = run_lengths or (CLIP_MAX_LENGTH, DEFAULT_T5_MAX_LENGTH)
+    return (args.clip_max_length or clip_default, args.t5_max_length or t5_default)
+
+
+def generate(args: argparse.Namespace, prompts: list[str], clip_max_length: int,
+             t5_max_length: int) -> list[Image.Image]:
     model = load_network(args).to(args.device).eval()
     return generate_images(model, args.sd3, prompts, args.steps, args.cfg, args.shift,
-                           args.height, args.width, args.seed, args.t5_max_length, not args.no_t5)
+                           args.height, args.width, args.seed, t5_max_length, not args.no_t5,
+                           clip_max_length)
 
 
 def main(argv: list[str]) -> int:
@@ -98,11 +138,13 @@ def main(argv: list[str]) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images = generate(args, prompts)
+    clip_max_length, t5_max_length = text_lengths(args)
+    images = generate(args, prompts, clip_max_length, t5_max_length)
     for index, image in enumerate(images):
         image.save(out / f"{index:04d}.png")
     (out / "prompts.json").write_text(json.dumps(
         {"prompts": prompts, "steps": args.steps, "cfg": args.cfg, "shift": args.shift,
-         "seed": args.seed, "checkpoint": args.checkpoint, "transformer": args.transformer}, indent=1))
+         "seed": args.seed, "checkpoint": args.checkpoint, "transformer": args.transformer,
+         "clip_max_length": clip_max_length, "t5_max_length": t5_max_length}, indent=1))
     print(f"wrote {len(images)} image(s) to {out}")
     return 0
