@@ -37,10 +37,11 @@ class DemoSize:
     sample_steps: int
 
 
-# The autoencoder trains a fixed 780 steps (about 100 s here; the time budget is only a cap
+# The autoencoder trains a fixed 780 steps (about 105 s here; the time budget is only a cap
 # for slow machines): with a 90 s budget it made 660-710 steps depending on the machine's
-# speed, its held-out PSNR ranged 25.0-26.5 dB, and the MMDiT's colour accuracy followed it
-# (77% after a 25.0 dB autoencoder, 98% after 26.5 dB; docs/benchmarks.md).
+# speed, so its learning-rate schedule and result did too. MMDiT colour accuracy varies
+# 77-98% between runs (docs/benchmarks.md); the run with the fewest autoencoder steps (660,
+# 25.0 dB) gave the 77%.
 FULL = DemoSize(world_images=1500, heldout=48, vae_seconds=200, vae_steps=780,
                 train_steps=2800, checkpoint_every=700, sample_steps=20)
 QUICK = DemoSize(world_images=200, heldout=12, vae_seconds=12, vae_steps=150,
