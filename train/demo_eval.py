@@ -66,9 +66,9 @@ class SamplingSettings:
     def of_run(cls, train_dir: Path, steps: int, image_size: int = 64) -> SamplingSettings:
         resolved = tomllib.loads((Path(train_dir) / "config.resolved.toml").read_text())
         validation = resolved["validation"]
-        lengths = text_lengths_of_run(train_dir) or (CLIP_MAX_LENGTH, DEFAULT_T5_MAX_LENGTH)
+        clip_max_length, t5_max_length = text_lengths_of_run(train_dir)
         return cls(steps, float(validation["cfg_scale"]), float(validation["sample_shift"]),
-                   image_size, clip_max_length=lengths[0], t5_max_length=lengths[1])
+                   image_size, clip_max_length=clip_max_length, t5_max_length=t5_max_length)
 
 
 def _evaluate(name, step, model, sd3_dir, prompts, truths, colours, sampling: SamplingSettings):

@@ -61,20 +61,18 @@ def load_network(args: argparse.Namespace):
     return load_diffusers_transformer(args.transformer or args.sd3)
 
 
-def text_lengths_of_run(train_dir: str | Path) -> tuple[int, int] | None:
-    """(clip_max_length, t5_max_length) of the dataset a trainer run trained on, or None.
+def text_lengths_of_run(train_dir: str | Path) -> tuple[int, int]:
+    """(clip_max_length, t5_max_length) of the dataset a trainer run trained on; SD3's
+    (77, 77) when the run or its dataset cannot be read.
 
     A model sees its training context lengths at sampling time too: one trained on 24 CLIP
     tokens has never attended to 53 more padding states.
     """
     resolved = Path(train_dir) / "config.resolved.toml"
-    if not resolved.exists():
-        return None
-    data_path = tomllib.loads(resolved.read_text())["data"]["path"]
     try:
-        manifest = DatasetManifest.load(data_path)
+        manifest = DatasetManifest.load(tomllib.loads(resolved.read_text())["data"]["path"])
     except (FileNotFoundError, ValueError):
-        return None
+        return CLIP_MAX_LENGTH, DEFAULT_T5_MAX_LENGTH
     return manifest.clip_max_length, manifest.t5_max_length
 
 
@@ -113,10 +111,9 @@ def generate_images(model, sd3: str, prompts: list[str], steps: int = 28, cfg: f
 
 def text_lengths(args: argparse.Namespace) -> tuple[int, int]:
     """--clip-max-length / --t5-max-length, defaulting to the checkpoint run's dataset's."""
-    run_lengths = None
+    clip_default, t5_default = CLIP_MAX_LENGTH, DEFAULT_T5_MAX_LENGTH
     if args.checkpoint:  # RUN/checkpoints/step-N
-        run_lengths = text_lengths_of_run(Path(args.checkpoint).resolve().parent.parent)
-    clip_default, t5_default = run_lengths or (CLIP_MAX_LENGTH, DEFAULT_T5_MAX_LENGTH)
+        clip_default, t5_default = text_lengths_of_run(Path(args.checkpoint).resolve().parent.parent)
     return (args.clip_max_length or clip_default, args.t5_max_length or t5_default)
 
 
