@@ -28,7 +28,7 @@ from bench_common import best_of_alternating, peak_memory_by_size, peak_rss_mb, 
 
 from captioning.config import CaptionConfig  # noqa: E402
 from captioning.stage import CaptionStage, run_caption  # noqa: E402
-from pipeline.kept import download_shards  # noqa: E402
+from pipeline.core.kept import download_shards  # noqa: E402
 
 
 def caption_config(args) -> CaptionConfig:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.manifest import ShardManifest, shard_outputs
+from pipeline.core.manifest import ShardManifest, shard_outputs
 
 
 def photo_like(seed: int, size: tuple[int, int]) -> bytes:
@@ -75,7 +75,7 @@ def best_of_alternating(stage, shards, stage_dir: Path, bare, rounds: int) -> tu
     """
     import shutil
 
-    from pipeline.stage import run_shard
+    from pipeline.core.stage import run_shard
 
     stage_times, bare_times = [], []
     for _ in range(rounds):

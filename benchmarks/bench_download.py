@@ -67,7 +67,7 @@ def write_url_list(path: Path, base: str, names: list[str], n: int) -> Path:
 
 
 def start_server(root: Path, port: int) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, "-m", "pipeline.local_server", str(root),
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.download.local_server", str(root),
                                "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE)
     server.stdout.readline()  # "serving ..." once it listens
     return server
@@ -86,10 +86,10 @@ def run_img2dataset(urls: Path, out: Path, args) -> float:
 
 
 def run_rectiflow(urls: Path, out: Path, args) -> float:
-    from pipeline.decode import DecodeConfig
-    from pipeline.download import DownloadConfig, run_download
-    from pipeline.fetch import FetchConfig
-    from pipeline.runners import RunnerConfig
+    from pipeline.core.decode import DecodeConfig
+    from pipeline.core.runners import RunnerConfig
+    from pipeline.download.fetch import FetchConfig
+    from pipeline.download.stage import DownloadConfig, run_download
 
     config = DownloadConfig(
         rows_per_shard=args.rows_per_shard, thread_count=args.threads,

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import best_of_alternating, peak_memory_by_size, peak_rss_mb, write_run  # noqa: E402
 
 from model.text_encoding import encode_prompts  # noqa: E402
-from pipeline.buckets import BucketConfig, load_bucketed, to_vae_input  # noqa: E402
-from pipeline.encode import EncodeConfig, EncodeStage, run_encode  # noqa: E402
-from pipeline.kept import download_shards  # noqa: E402
+from pipeline.core.kept import download_shards  # noqa: E402
+from pipeline.encode.buckets import BucketConfig, load_bucketed, to_vae_input  # noqa: E402
+from pipeline.encode.stage import EncodeConfig, EncodeStage, run_encode  # noqa: E402
 
 # Real SD3 widths: CLIP-L 768, CLIP-G 1280, T5-XXL 4096; 16 latent channels, downsample 8.
 SD3_DIMS = {"clip_l": (77, 768), "clip_l_pooled": (768,), "clip_g": (77, 1280),

@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import peak_rss_mb, write_run  # noqa: E402
 
-from pipeline.score import ClipScorer, ScoreConfig, score_shards  # noqa: E402
-from pipeline.stage import run_shard  # noqa: E402
+from pipeline.core.stage import run_shard  # noqa: E402
+from pipeline.score.stage import ClipScorer, ScoreConfig, score_shards  # noqa: E402
 
 
 def _config(args, model: str) -> ScoreConfig:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from captioning.config import CaptionConfig
 from captioning.templates import PromptTemplate, resolve_prompt
-from pipeline.devices import resolve_device, resolve_dtype
+from pipeline.core.devices import resolve_device, resolve_dtype
 
 
 class Captioner(Protocol):

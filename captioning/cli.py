@@ -7,8 +7,8 @@ import json
 
 from captioning.config import CaptionConfig
 from captioning.stage import run_caption
-from pipeline.config import ConfigError, load_config, split_overrides, write_resolved_config
-from pipeline.manifest import stage_stats
+from pipeline.core.config import ConfigError, load_config, split_overrides, write_resolved_config
+from pipeline.core.manifest import stage_stats
 
 SCHEMA = {"caption": CaptionConfig}
 

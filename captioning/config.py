@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from captioning.cleaning import CleaningConfig
-from pipeline.runners import RunnerConfig
+from pipeline.core.runners import RunnerConfig
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The caption stage: a VLM caption for every kept sample, cleaned, with its provenance.
 
-Rows in are the samples every upstream decision kept (pipeline/kept.py); each row keeps the
+Rows in are the samples every upstream decision kept (pipeline/core/kept.py); each row keeps the
 original caption beside the synthetic one, so the trainer can mix them (SD3: 50/50). A row
 whose image cannot be decoded or whose caption is rejected (`empty_caption`, `refusal`,
 `repetitive_caption`) keeps its raw output and gets `caption_reason`; the encode stage skips
@@ -22,19 +22,19 @@ from captioning.backends import Captioner, TransformersCaptioner
 from captioning.cleaning import TokenCounter, approximate_tokens, clean_caption
 from captioning.config import CaptionConfig
 from captioning.templates import resolve_prompt
-from pipeline.config import config_hash
-from pipeline.image_decode import ImageRejected, decode_image
-from pipeline.kept import (
+from pipeline.core.config import config_hash
+from pipeline.core.image_decode import ImageRejected, decode_image
+from pipeline.core.kept import (
     decisions_digest,
     decode_ahead,
     download_shards,
     iter_kept_rows,
     kept_uids,
 )
-from pipeline.manifest import ShardManifest
-from pipeline.runners import RunnerConfig, run_stage
-from pipeline.score import TarIndex
-from pipeline.stage import ShardSpec, Stage
+from pipeline.core.manifest import ShardManifest
+from pipeline.core.runners import RunnerConfig, run_stage
+from pipeline.core.stage import ShardSpec, Stage
+from pipeline.score.stage import TarIndex
 
 CAPTION_SCHEMA = pa.schema([
     ("uid", pa.string()),

@@ -15,7 +15,7 @@ import tomli_w
 
 from dedup.config import DedupConfig
 from dedup.stage import STAGE, run_dedup, run_dedup_for_run
-from pipeline.config import ConfigError, load_config, split_overrides, write_resolved_config
+from pipeline.core.config import ConfigError, load_config, split_overrides, write_resolved_config
 
 
 def main(argv: list[str]) -> int:

@@ -31,8 +31,8 @@ from dedup.representatives import (
 from dedup.run_inputs import read_run_sources
 from dedup.semantic import SemanticDeduplicator, TileRunner, run_tiles_locally
 from dedup.sweep import SWEEP_PLOT, SWEEP_TABLE, SweepPoint, sweep, write_sweep
-from pipeline.config import config_hash
-from pipeline.manifest import ShardManifest, completed_manifest, shard_outputs
+from pipeline.core.config import config_hash
+from pipeline.core.manifest import ShardManifest, completed_manifest, shard_outputs
 
 STAGE = "dedup"
 REASONS = {
@@ -233,7 +233,7 @@ def _tile_runner(config: DedupConfig) -> TileRunner:
     if config.backend != "ray":
         return run_tiles_locally
     from dedup.ray_runner import ray_tile_runner  # Ray only when asked for
-    from pipeline.runners import ensure_ray
+    from pipeline.core.runners import ensure_ray
 
     ensure_ray()  # RAY_ADDRESS (a cluster, under `ray job submit`) or an embedded Ray
     return ray_tile_runner(config.max_task_mb)

@@ -27,13 +27,13 @@ from captioning.config import CaptionConfig
 from captioning.stage import run_caption
 from dedup.config import DedupConfig
 from dedup.stage import run_dedup_for_run
-from pipeline.config import ConfigError, load_config, split_overrides, write_resolved_config
-from pipeline.download import DownloadConfig, run_download
-from pipeline.encode import EncodeConfig, run_encode
-from pipeline.funnel import format_funnel, funnel
-from pipeline.runners import RunnerConfig, ensure_ray, run_stage
-from pipeline.score import ClipScorer, ScoreConfig, score_shards
-from pipeline.select import SelectConfig, run_select
+from pipeline.core.config import ConfigError, load_config, split_overrides, write_resolved_config
+from pipeline.core.runners import RunnerConfig, ensure_ray, run_stage
+from pipeline.download.stage import DownloadConfig, run_download
+from pipeline.encode.stage import EncodeConfig, run_encode
+from pipeline.inspect.funnel import format_funnel, funnel
+from pipeline.score.stage import ClipScorer, ScoreConfig, score_shards
+from pipeline.select.stage import SelectConfig, run_select
 
 
 @dataclass

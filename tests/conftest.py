@@ -78,7 +78,7 @@ def image_server(tmp_path_factory: pytest.TempPathFactory):
     """A LocalImageServer on 127.0.0.1 serving download_assets' photos and bad inputs."""
     from download_assets import write_image_site
 
-    from pipeline.local_server import LocalImageServer
+    from pipeline.download.local_server import LocalImageServer
 
     with LocalImageServer(write_image_site(tmp_path_factory.mktemp("image_site"))) as server:
         yield server

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from skimage import data as skdata
 
-from pipeline.manifest import ShardManifest, shard_outputs
+from pipeline.core.manifest import ShardManifest, shard_outputs
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "horse", "page")
 CAPTIONS = (

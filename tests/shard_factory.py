@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 
-from pipeline.training_shards import (
+from pipeline.encode.training_shards import (
     MANIFEST_NAME,
     NULL_PROMPT_NAME,
     DatasetManifest,

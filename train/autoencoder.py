@@ -333,7 +333,7 @@ def _train_and_save(images: torch.Tensor, out: Path, config: AutoencoderTrainCon
 
 
 def main(argv: list[str]) -> int:
-    from pipeline.config import load_config, split_overrides, write_resolved_config
+    from pipeline.core.config import load_config, split_overrides, write_resolved_config
 
     parser = argparse.ArgumentParser(
         prog="rectiflow train-vae", description="Train a 16-channel AutoencoderKL on images.")

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import ConfigError, split_overrides
+from pipeline.core.config import ConfigError, split_overrides
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 
 
 @dataclass

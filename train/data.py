@@ -24,7 +24,7 @@ import webdataset.tariterators as wds_tar
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.training_shards import (
+from pipeline.encode.training_shards import (
     NULL_PROMPT_NAME,
     DatasetManifest,
     npy_to_tensor,

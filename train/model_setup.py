@@ -12,7 +12,7 @@ from pathlib import Path
 
 from model.convert import config_from_diffusers, load_diffusers_transformer
 from model.mmdit import MMDiT, MMDiTConfig
-from pipeline.training_shards import SUPPORTED_DTYPES, DatasetManifest
+from pipeline.encode.training_shards import SUPPORTED_DTYPES, DatasetManifest
 from train.config import ModelConfig
 
 

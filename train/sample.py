@@ -26,7 +26,7 @@ from model.text_encoding import (
     assemble_conditioning,
     encode_prompts,
 )
-from pipeline.training_shards import DatasetManifest
+from pipeline.encode.training_shards import DatasetManifest
 from train.export import load_trained_model
 
 

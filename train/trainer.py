@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from model.flops import mmdit_flops
 from model.flow import RectifiedFlow, sample_t, shift_t
-from pipeline.config import config_hash, write_resolved_config
+from pipeline.core.config import config_hash, write_resolved_config
 from train import checkpoint as ckpt
 from train.data import DataPosition, ShardBatches, load_manifest, make_loader
 from train.ema import ExponentialMovingAverage

@@ -20,7 +20,7 @@ from PIL import Image
 
 from model.flow import RectifiedFlow
 from model.sampling import sample_euler
-from pipeline.training_shards import DatasetManifest
+from pipeline.encode.training_shards import DatasetManifest
 from train.config import DataConfig, ModelConfig, ValidationConfig
 from train.data import (
     SampleDecoder,

@@ -1,0 +1,271 @@
+"""The download stage: URL lists in, WebDataset shards plus a Parquet row for every input out.
+
+How it uses img2dataset (see docs/download.md for why): its distributors spread shards over
+processes (`multiprocessing_distributor`, local) or a Ray cluster (`ray_distributor`), the
+same way its own `Downloader` is spread; the per-shard worker is ours, because every
+requirement that makes a download safe and accountable lives in the per-request code
+(`pipeline.download.fetch`: total deadline, address policy per hop, robots headers; `pipeline.core.decode`:
+header pixel cap, EXIF, RGB conversion; `pipeline.core.reasons`: classified failures).
+
+Flow: the URL list (Parquet, CSV or JSONL) is streamed into input shards of `rows_per_shard`
+rows with stable uids (`_inputs/NNNNN.parquet`); each shard is fetched with a thread pool,
+in input order, and written atomically with its manifest; a rerun skips completed shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import tarfile
+import time
+import traceback
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.core import reasons
+from pipeline.core.config import config_to_dict
+from pipeline.core.decode import DecodeConfig, DecodeRejected, decode_image
+from pipeline.core.manifest import ShardManifest, completed_manifest, read_manifests, shard_outputs
+from pipeline.core.runners import RunnerConfig, ensure_ray
+from pipeline.download.fetch import FetchConfig, fetch
+from pipeline.download.inputs import cut_input_shards
+
+STAGE = "download"
+INPUTS_DIR = "_inputs"
+# Fields that change how fast a shard is made, not what it contains.
+_EXECUTION_FIELDS = ("thread_count", "processes_count", "rows_per_shard", "retry_base_s",
+                     "retry_max_wait_s")
+
+
+@dataclass
+class DownloadConfig:
+    url_column: str = "url"
+    caption_column: str = "caption"
+    id_column: str = "id"  # used as the uid when the input has this column
+    passthrough_columns: list[str] | None = None  # None: keep every other input column
+    input_format: Literal["auto", "parquet", "csv", "jsonl"] = "auto"
+    rows_per_shard: int = 10_000
+    thread_count: int = 64  # concurrent requests per process
+    processes_count: int = 1  # local pool size (img2dataset multiprocessing); 0: in-process
+    retry_base_s: float = 2.0  # --retry-failed backoff: base * 2**(attempts-1), or Retry-After
+    retry_max_wait_s: float = 300.0
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def __post_init__(self):
+        if self.rows_per_shard < 1 or self.thread_count < 1 or self.processes_count < 0:
+            raise ValueError("rows_per_shard and thread_count must be >= 1, processes_count >= 0")
+
+    def fingerprint(self) -> str:
+        data = {k: v for k, v in config_to_dict(self).items() if k not in _EXECUTION_FIELDS}
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class SampleResult:
+    """One row's outcome: its Parquet columns and, on success, its WebDataset entries."""
+
+    row: dict[str, Any]
+    entries: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+def fetch_sample(row: dict[str, Any], config: DownloadConfig, attempts: int = 1) -> SampleResult:
+    """Fetch, check and decode one input row; never raises."""
+    out = {**row, **_EMPTY_RESULT, "download_attempts": attempts}
+    if row.get("download_reason_in"):  # decided while cutting shards (duplicate, no url)
+        out["download_attempts"] = 0
+        return _failed(out, row["download_reason_in"], "rejected before fetching")
+    fetched = fetch(row["url"], config.fetch)
+    out["download_http_status"] = fetched.http_status
+    if not fetched.ok:
+        return _failed(out, fetched.reason, fetched.error, fetched.retry_after_s, config, attempts)
+    data = fetched.data
+    try:
+        image = decode_image(data, config.decode)
+    except DecodeRejected as e:
+        return _failed(out, e.reason, str(e))
+    except Exception as e:  # noqa: BLE001 -- Pillow raises many types on hostile input
+        return _failed(out, reasons.DECODE_ERROR, f"{type(e).__name__}: {e}")
+    out.update(download_status="success", download_width=image.width,
+               download_height=image.height, download_format=image.format,
+               download_bytes=len(data), download_sha256=hashlib.sha256(data).hexdigest())
+    uid = row["uid"]
+    entries = [(f"{uid}.{image.format}", data), (f"{uid}.json", _sample_json(out))]
+    if image.resized_jpeg is not None:
+        entries.append((f"{uid}.resized.jpg", image.resized_jpeg))
+    return SampleResult(out, entries)
+
+
+_EMPTY_RESULT = {
+    "download_status": "failed", "download_reason": None, "download_retryable": False,
+    "download_http_status": None, "download_width": None, "download_height": None,
+    "download_format": None, "download_bytes": None, "download_sha256": None,
+    "download_attempts": 1, "download_error": None, "download_retry_at": None,
+}
+RESULT_SCHEMA = pa.schema([
+    ("download_status", pa.string()), ("download_reason", pa.string()),
+    ("download_retryable", pa.bool_()), ("download_http_status", pa.int32()),
+    ("download_width", pa.int32()), ("download_height", pa.int32()),
+    ("download_format", pa.string()), ("download_bytes", pa.int64()),
+    ("download_sha256", pa.string()), ("download_attempts", pa.int32()),
+    ("download_error", pa.string()), ("download_retry_at", pa.float64()),
+])
+
+
+def _failed(out, reason, error, retry_after_s=None, config=None, attempts=1) -> SampleResult:
+    retryable = reasons.is_retryable(reason)
+    out.update(download_status="failed", download_reason=reason, download_retryable=retryable,
+               download_error=(error or "")[:500])
+    if retryable and config is not None:
+        # Earliest time a retry is polite: the server's Retry-After, else exponential backoff.
+        wait = retry_after_s if retry_after_s is not None else config.retry_base_s * 2 ** (attempts - 1)
+        out["download_retry_at"] = round(time.time() + min(wait, config.retry_max_wait_s), 3)
+    return SampleResult(out)
+
+
+def _sample_json(row: dict[str, Any]) -> bytes:
+    keep = {k: v for k, v in row.items() if not k.startswith("download_") or k in _JSON_FIELDS}
+    return json.dumps(keep, sort_keys=True, default=str).encode()
+
+
+_JSON_FIELDS = {"download_width", "download_height", "download_format", "download_sha256"}
+
+
+def ordered_map(fn: Callable, items: Iterable, threads: int, window: int) -> Iterator:
+    """`map` over a thread pool, in input order, with at most `window` results in memory."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="fetch") as pool:
+        iterator = iter(items)
+        pending = deque(pool.submit(fn, item) for item in itertools.islice(iterator, window))
+        while pending:
+            result = pending.popleft().result()
+            for item in iterator:  # keep the window full
+                pending.append(pool.submit(fn, item))
+                break
+            yield result
+
+
+@dataclass
+class ShardDownloader:
+    """The per-shard worker that img2dataset's distributors call with (shard, input path)."""
+
+    config: DownloadConfig
+    stage_dir: str
+
+    def __call__(self, task: tuple[str, str]) -> tuple[bool, tuple[str, str]]:
+        try:
+            download_shard(self.config, Path(self.stage_dir), task[0], Path(task[1]))
+            return True, task
+        except Exception as e:  # noqa: BLE001 -- the distributor retries failed shards
+            traceback.print_exc()
+            print(f"download shard {task[0]} failed: {e}")
+            return False, task
+
+
+def download_shard(
+    config: DownloadConfig,
+    stage_dir: Path,
+    shard: str,
+    input_path: Path,
+    fetcher: Callable[[dict], SampleResult] | None = None,
+) -> tuple[ShardManifest, bool]:
+    """Download one input shard unless it is complete; return its manifest and whether it ran.
+
+    `fetcher` (row -> SampleResult) lets `--retry-failed` reuse earlier outcomes.
+    """
+    fingerprint = config.fingerprint()
+    done = completed_manifest(stage_dir, shard, fingerprint, [input_path])
+    if done is not None and fetcher is None:
+        return done, False
+    rows = pq.read_table(input_path).to_pylist()
+    fetcher = fetcher or (lambda row: fetch_sample(row, config))
+    manifest = ShardManifest(stage=STAGE, shard=shard, config_hash=fingerprint)
+    window = max(4 * config.thread_count, 16)
+    with shard_outputs(stage_dir, manifest, [input_path]) as outputs:
+        tar_path = outputs.path(f"{shard}.tar")
+        results = []
+        with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+            samples = ordered_map(fetcher, rows, config.thread_count, window)
+            # disable=None: a bar on a terminal, silent in logs and pool workers.
+            for sample in tqdm(samples, total=len(rows), desc=f"shard {shard}", unit="img",
+                               leave=False, disable=None, mininterval=2):
+                for name, payload in sample.entries:
+                    _add_to_tar(tar, name, payload)
+                sample.row.pop("download_reason_in", None)
+                results.append(sample.row)
+        write_results(results, outputs.path(f"{shard}.parquet"))
+        counts = Counter(r["download_reason"] for r in results if r["download_reason"])
+        manifest.rows_in, manifest.rows_out = len(rows), len(rows) - sum(counts.values())
+        manifest.reasons = dict(counts.most_common())
+    return manifest, True
+
+
+def _add_to_tar(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)  # fixed metadata: reruns give byte-identical shards
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def write_results(rows: list[dict[str, Any]], path: Path) -> None:
+    """Every row of the shard, in input order, with the download_* columns typed."""
+    table = pa.Table.from_pylist(rows)
+    for name in RESULT_SCHEMA.names:
+        column = table.column(name).cast(RESULT_SCHEMA.field(name).type)
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    pq.write_table(table, path)
+
+
+def run_download(
+    config: DownloadConfig, runner: RunnerConfig, urls: Path, run_dir: Path
+) -> list[ShardManifest]:
+    """Cut the URL list into shards, download every shard not yet done, return all manifests."""
+    stage_dir = Path(run_dir) / STAGE
+    remove_stale_temporaries(stage_dir)
+    shards = cut_input_shards(Path(urls), stage_dir / INPUTS_DIR, config)
+    distribute(config, runner, stage_dir, shards)
+    manifests = {m.shard: m for m in read_manifests(stage_dir)}
+    missing = [shard for shard, _ in shards if shard not in manifests]
+    if missing:
+        raise RuntimeError(f"download shards failed after retries: {missing}; rerun to resume")
+    return [manifests[shard] for shard, _ in shards]
+
+
+def remove_stale_temporaries(stage_dir: Path) -> None:
+    """Delete half-written files of a killed run (one run per directory at a time)."""
+    for folder in (stage_dir, stage_dir / INPUTS_DIR):
+        for path in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+            path.unlink(missing_ok=True)
+
+
+def distribute(
+    config: DownloadConfig,
+    runner: RunnerConfig,
+    stage_dir: Path,
+    shards: list[tuple[str, Path]],
+    worker: Callable[[tuple[str, str]], tuple[bool, tuple[str, str]]] | None = None,
+) -> None:
+    """Run a shard worker over the shards: in-process, img2dataset multiprocessing, or Ray."""
+    worker = worker or ShardDownloader(config, str(stage_dir))
+    tasks = [(shard, str(path)) for shard, path in shards]
+    if runner.backend == "ray":
+        ensure_ray(runner.ray_address)
+        from img2dataset.distributor import ray_distributor  # heavy import: only when used
+
+        ray_distributor(runner.concurrency, worker, tasks, None, 1)
+    elif config.processes_count == 0:
+        for task in tqdm(tasks, desc=STAGE, unit="shard"):
+            worker(task)
+    else:
+        from img2dataset.distributor import multiprocessing_distributor
+
+        multiprocessing_distributor(config.processes_count, worker, tasks, None, 1)
