@@ -22,8 +22,8 @@ from captioning.backends import Captioner, TransformersCaptioner
 from captioning.cleaning import TokenCounter, approximate_tokens, clean_caption
 from captioning.config import CaptionConfig
 from captioning.templates import resolve_prompt
-from pipeline.core.config import config_hash
-from pipeline.core.image_decode import ImageRejected, decode_image
+from pipeline.core.config import ConfigError, config_hash
+from pipeline.core.decode import ImageRejected, decode_for_model
 from pipeline.core.kept import (
     decisions_digest,
     decode_ahead,
@@ -115,7 +115,7 @@ class CaptionStage(Stage):
         if data is None:
             return "missing_image"
         try:
-            return decode_image(data, self.config.image_size, self.config.max_pixels).image
+            return decode_for_model(data, self.config.image_size, self.config.max_pixels).image
         except ImageRejected as e:
             return e.reason
 
@@ -139,7 +139,7 @@ def run_caption(
 ) -> list[ShardManifest]:
     """Caption every download shard of `run_dir` into RUN_DIR/caption/ (resumable)."""
     if not config.model:
-        raise ValueError("caption.model is empty: give a captioner id or local path")
+        raise ConfigError("caption.model is empty: give a captioner id or local path")
     run_dir = Path(run_dir)
     factory = functools.partial(CaptionStage, config, run_dir, decisions_digest(run_dir))
     return run_stage(factory, download_shards(run_dir), run_dir / "caption",

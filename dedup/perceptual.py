@@ -13,8 +13,6 @@ brightness or contrast change cancels). A recoloured object changes the chroma a
 
 from __future__ import annotations
 
-import io
-
 import faiss
 import numpy as np
 from PIL import Image
@@ -22,6 +20,7 @@ from scipy.fft import dctn
 from tqdm import tqdm
 
 from dedup.pairs import Pairs
+from pipeline.core.decode import ImageRejected, decode_for_model
 
 HASH_SIZE = 8  # 8 x 8 low frequencies -> 64 bits
 _DCT_SIZE = 32
@@ -68,22 +67,21 @@ def colour_layout(image: Image.Image) -> np.ndarray | None:
 
 
 def perceptual_signature(data: bytes) -> tuple[int, np.ndarray | None]:
-    """pHash and colour-layout descriptor of encoded image bytes, from one decode (JPEG draft
-    mode at about the size needed)."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.draft("RGB", (_DCT_SIZE * 2, _DCT_SIZE * 2))  # JPEG: decode at 1/2..1/8 scale
-        return phash(image), colour_layout(image)
+    """pHash and colour-layout descriptor of encoded image bytes, from one decode of the
+    upright image (JPEG draft mode at about the size needed); raises ImageRejected."""
+    image = decode_for_model(data, _DCT_SIZE * 2).image  # JPEG: decoded at 1/2..1/8 scale
+    return phash(image), colour_layout(image)
 
 
 def signature_or_none(data: bytes | None) -> tuple[int, np.ndarray | None] | None:
-    """`perceptual_signature`, or None when the bytes do not decode (truncated, not an image,
-    a decompression bomb): such an image takes no part in perceptual dedup; why it failed is
-    the score stage's to record."""
+    """`perceptual_signature`, or None when the bytes do not decode (any ImageRejected reason:
+    truncated, not an image, a decompression bomb): such an image takes no part in perceptual
+    dedup; why it failed is the score stage's to record, from the same decode module."""
     if not data:
         return None
     try:
         return perceptual_signature(data)
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except ImageRejected:
         return None
 
 

@@ -20,8 +20,7 @@ from tqdm import tqdm
 
 from dedup.config import DedupConfig
 from dedup.perceptual import signature_or_none
-
-IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}
+from pipeline.core.decode import original_image_key
 
 
 @dataclass
@@ -71,8 +70,8 @@ def tar_signatures(
     signatures = {}
     with tarfile.open(path, "r:") as tar:
         for member in tar:
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            if not member.isfile() or ext.lower() not in IMAGE_EXTENSIONS:
+            key = original_image_key(member.name) if member.isfile() else None
+            if key is None:
                 continue  # metadata, and the `.resized.jpg` copies
             if uids is not None and key not in uids:
                 continue

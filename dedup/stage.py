@@ -31,6 +31,7 @@ from dedup.representatives import (
 from dedup.run_inputs import read_run_sources
 from dedup.semantic import SemanticDeduplicator, TileRunner, run_tiles_locally
 from dedup.sweep import SWEEP_PLOT, SWEEP_TABLE, SweepPoint, sweep, write_sweep
+from pipeline.core.command import InputError
 from pipeline.core.config import config_hash
 from pipeline.core.manifest import ShardManifest, completed_manifest, shard_outputs
 
@@ -172,7 +173,7 @@ def run_dedup(
     With `run_dir`, hashes the tables lack and the select decisions come from that run."""
     files = list_inputs(input_dir)
     if not files:
-        raise FileNotFoundError(f"no Parquet tables in {input_dir}")
+        raise InputError(f"no Parquet tables in {input_dir}")
     fingerprint = config_hash(_decisions_only(config))
     # Cheap part first: which files decide the outcome (pHashing tars waits until needed).
     decision_files = read_run_sources(run_dir, _no_hashes(config)).decision_files if run_dir else []

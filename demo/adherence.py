@@ -12,7 +12,7 @@ analysis does the same job exactly, with no model to trust:
   (triangle 1/2, circle pi/4, square 1);
 - size: the mean bounding-box side of the components against the world's two sizes;
 - position: where the mean of the component centres lies, by the world's own anchors.
-It is validated on the world's ground-truth images (tests/test_adherence.py).
+It is validated on the world's ground-truth images (tests/demo/test_adherence.py).
 """
 
 from __future__ import annotations

@@ -72,6 +72,7 @@ class ReportData:
     baseline_samples: list[Sample] = field(default_factory=list)  # untrained model, same seeds
     adherence: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> attr -> acc
     adherence_chance: dict[str, float] = field(default_factory=dict)  # attr -> chance accuracy
+    adherence_note: str = ""  # which prompts each row was sampled on (test vs tuning)
     checkpoints: list[CheckpointRow] = field(default_factory=list)
     facts: list[tuple[str, str]] = field(default_factory=list)  # headline numbers, e.g. PSNR
     notes: list[str] = field(default_factory=list)  # honest caveats
@@ -228,7 +229,8 @@ def adherence_section(data: ReportData, _assets: AssetWriter) -> str:
         rows.append(['<span class="note">chance</span>',
                      *(f'<span class="note">{percent(data.adherence_chance.get(c))}</span>'
                        for c in columns)])
-    return table(["Model", *columns], rows, "numbers")
+    lead = f"<p>{esc(data.adherence_note)}</p>" if data.adherence_note else ""
+    return lead + table(["Model", *columns], rows, "numbers")
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:

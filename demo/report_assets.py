@@ -8,7 +8,6 @@ directly (the Agg canvas), never pyplot, so rendering touches no global backend 
 from __future__ import annotations
 
 import html
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
+
+from pipeline.core.decode import ImageRejected, decode_for_model
 
 MAX_STORED_SIDE = 512  # thumbnails never need more; a full-size photo would bloat assets/
 CHART_SIZE_INCHES = (4.8, 2.8)
@@ -45,7 +46,7 @@ class AssetWriter:
     def thumbnail(self, name: str, data: bytes, alt: str, target: int = 128) -> str:
         """An <img> for encoded image bytes, or a visible placeholder when they do not decode
         (the web is full of broken files; the report must show that, not crash on it)."""
-        image = decode_image(data)
+        image = _decoded_or_none(data)
         if image is None:
             side = f"width:{target}px;height:{target}px"
             return f'<div class="broken" style="{side}">undecodable image</div>'
@@ -59,8 +60,8 @@ class AssetWriter:
     def chart(self, name: str, figure: Figure, alt: str) -> str:
         path = self.assets / f"{name}.png"
         figure.savefig(path, format="png", dpi=CHART_DPI)
-        with Image.open(path) as saved:
-            width, height = saved.size
+        saved = decode_for_model(path.read_bytes(), None)  # the PNG as written: its pixel size
+        width, height = saved.width, saved.height
         return self._img(path, alt, width, height, "")
 
     def _img(self, path: Path, alt: str, width: int, height: int, css: str) -> str:
@@ -69,14 +70,13 @@ class AssetWriter:
                 f'height="{height}"{css} loading="eager">')
 
 
-def decode_image(data: bytes) -> Image.Image | None:
+def _decoded_or_none(data: bytes) -> Image.Image | None:
+    """Upright RGB from the pipeline's own decode module (so the report shows what the stages
+    saw), None for bytes it rejects."""
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            image = opened.copy()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return decode_for_model(data, MAX_STORED_SIDE).image
+    except ImageRejected:
         return None
-    return image if image.mode in ("RGB", "RGBA", "L", "LA") else image.convert("RGBA")
 
 
 def _new_figure() -> tuple[Figure, object]:

@@ -6,8 +6,10 @@
 4. a 16-channel autoencoder trained on the downloaded images, replacing the tiny random VAE,
    then the encode stage (latents + text embeddings into training shards);
 5. the MMDiT trained for a bounded number of steps, with checkpoints and validation loss;
-6. held-out prompts sampled from each checkpoint and from the untrained model with the same
-   seeds, read back by the adherence detector;
+6. held-out test prompts (combos drawn from the run seed, `--seed`) sampled from each
+   checkpoint and from the untrained model with the same noise, and the fixed tuning prompts
+   from the last one, read back by the adherence detector, beside its ceilings (the detector
+   on the true images and on the autoencoder's reconstructions);
 7. an HTML report whose path is printed.
 This module composes; the work is done by the packages it calls.
 """
@@ -29,7 +31,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 @dataclass
 class DemoSize:
     world_images: int
-    heldout: int
+    heldout: int  # test prompts
+    tuning: int  # tuning prompts
     vae_seconds: float
     vae_steps: int
     train_steps: int
@@ -37,14 +40,16 @@ class DemoSize:
     sample_steps: int
 
 
-# The autoencoder trains a fixed 780 steps (about 105 s here; the time budget is only a cap
-# for slow machines): with a 90 s budget it made 660-710 steps depending on the machine's
-# speed, so its learning-rate schedule and result did too. MMDiT colour accuracy varies
-# 77-98% between runs (docs/benchmarks.md); the run with the fewest autoencoder steps (660,
-# 25.0 dB) gave the 77%.
-FULL = DemoSize(world_images=1500, heldout=48, vae_seconds=200, vae_steps=780,
-                train_steps=2800, checkpoint_every=700, sample_steps=20)
-QUICK = DemoSize(world_images=200, heldout=12, vae_seconds=12, vae_steps=150,
+# The autoencoder trains a fixed 780 steps; the time budget is only a cap against a stuck
+# machine, set far above the ~200 s the steps take on 2 AVX2 cores: a 200 s cap cut them to
+# 550, 488 and 47 steps on a loaded machine (seed 2's 47-step autoencoder, 17.8 dB, then
+# gave 29% colour), and a 90 s budget made 660-710 by machine speed. The MMDiT trains 1,000
+# steps: in fp32 on a 2-core AVX2 CPU (no native bf16, so "auto" precision runs fp32) a step
+# takes 0.25-0.4 s, and the whole demo must stay near 10 minutes there (2,800 steps took
+# 24.7 min); docs/benchmarks.md has what it costs.
+FULL = DemoSize(world_images=1500, heldout=48, tuning=24, vae_seconds=900, vae_steps=780,
+                train_steps=1000, checkpoint_every=250, sample_steps=20)
+QUICK = DemoSize(world_images=200, heldout=12, tuning=6, vae_seconds=120, vae_steps=150,
                  train_steps=30, checkpoint_every=15, sample_steps=8)
 
 
@@ -53,10 +58,13 @@ def _step(title: str) -> float:
     return time.monotonic()
 
 
-def make_world(out: Path, size: DemoSize, base_url: str) -> Path:
+def make_world(out: Path, size: DemoSize, base_url: str, seed: int) -> Path:
+    """The run seed draws the world: its training scenes and its test combos (the tuning
+    combos are the same for every seed, demo/shapes_world.py)."""
     from demo.shapes_world import WorldConfig, generate_world
 
-    config = WorldConfig(n_images=size.world_images, n_heldout=size.heldout, seed=0)
+    config = WorldConfig(n_images=size.world_images, n_heldout=size.heldout,
+                         n_tuning=size.tuning, seed=seed)
     return generate_world(config, out, base_url)
 
 
@@ -83,14 +91,14 @@ def curate_sections(run_dir: Path, models: Path, urls: Path, stages: list[str]) 
         f"--encode.model={json.dumps(str(models / 'sd3'))}",
         # The tiny VLM has random weights: long generations only cost time.
         "--caption.generation.max_new_tokens=16",
-        # Random-weight CLIP embeddings cannot tell scenes apart, so no semantic dedup here.
-        # In the 1500-image world, pHash at 2 bits (confirmed by its colour check) finds 45 of
-        # the 75 planted copies (24 resized, 12 recompressed, 9 shifted) and drops 274 images;
-        # 6 bits finds 56 but drops 417: at 64 px pHash cannot tell a small circle from a
-        # small square, so beside copies it groups same-colour scenes of another shape, size
-        # or background shade (the colour check keeps other colours apart).
+        # Random-weight CLIP embeddings cannot tell scenes apart, so no semantic dedup here;
+        # and no perceptual dedup either: checked against the world's planted copies
+        # (demo/dedup_truth.py, seed-0 world), pHash at 64 px drops distinct same-colour
+        # scenes of another shape or size. At 2 bits 193 drops, 27 of them copies (precision
+        # 14%, recall 36%); even 6 bits with a 0.999 colour check dropped 2 distinct images.
+        # Exact dedup drops none and leaves the 75 planted copies (5%) in.
         "--dedup.semantic=false",
-        "--dedup.phash_max_distance=2",
+        "--dedup.perceptual=false",
         # The world's images are 64 px: DataComp's 200 px minimum would drop them all.
         "--select.min_side=32",
         # The demo trains on original captions, so a rejected synthetic caption (the tiny VLM
@@ -108,17 +116,10 @@ def curate_sections(run_dir: Path, models: Path, urls: Path, stages: list[str]) 
 
 
 def train_vae(run_dir: Path, models: Path, size: DemoSize):
-    from train.autoencoder import AutoencoderTrainConfig, load_images, train_autoencoder
+    from demo.autoencoder_recipe import train_world_autoencoder
 
-    # Downsample 4, not SD3's 8: the world's images are 64 px and its small objects 10 px, so
-    # 8x8 latents would give an object about one latent pixel, and a CPU-trained autoencoder
-    # then loses its colour (read back from reconstructions: 63% of hues right after 210 s at
-    # 8x, 98% after 90 s at 4x; train/autoencoder.py).
-    config = AutoencoderTrainConfig(time_budget_s=size.vae_seconds, steps=size.vae_steps,
-                                    block_out_channels=(16, 32, 64),
-                                    heldout_images=min(64, size.world_images // 8))
-    images = load_images(run_dir / "download", config.image_size)
-    return train_autoencoder(images, models / "sd3" / "vae", config)
+    return train_world_autoencoder(run_dir / "download", models / "sd3" / "vae",
+                                   size.vae_steps, size.vae_seconds)
 
 
 def train_mmdit(out: Path, size: DemoSize) -> Path:
@@ -149,7 +150,7 @@ def _stop_embedded_ray() -> None:
         ray.shutdown()
 
 
-def run_demo(out: Path, quick: bool) -> Path:
+def run_demo(out: Path, quick: bool, seed: int = 0) -> Path:
     from demo.evaluate import evaluate_checkpoints
     from demo.gather import gather_report
     from model.tiny import make_tiny_bundle
@@ -163,7 +164,7 @@ def run_demo(out: Path, quick: bool) -> Path:
     timings: dict[str, float] = {}
     with LocalImageServer(out / "world") as server:
         t = _step(f"shapes world: {size.world_images} images served at {server.base_url}")
-        urls = make_world(out / "world", size, server.base_url)
+        urls = make_world(out / "world", size, server.base_url, seed)
         t = _step("curation: download, score, select, dedup, caption (embedded Ray)")
         curate(curate_sections(out / "run", models, urls.with_name("train_urls.parquet"),
                                ["download", "score", "select", "dedup", "caption"]))
@@ -186,7 +187,7 @@ def run_demo(out: Path, quick: bool) -> Path:
     evaluation = evaluate_checkpoints(train_dir, models / "sd3", urls, size.sample_steps)
     timings["evaluate"] = time.monotonic() - t
     timings["total"] = time.monotonic() - began
-    report = gather_report(out, vae, evaluation, timings, quick)
+    report = gather_report(out, vae, evaluation, timings, quick, seed)
     return report
 
 
@@ -194,9 +195,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rectiflow demo", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small world and a short run")
     parser.add_argument("--out", default=None, help="output folder (default runs/demo[-quick])")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="run seed: draws the world and its test prompts (default 0)")
     args = parser.parse_args(argv)
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo")).resolve()
-    report = run_demo(out, args.quick)
+    report = run_demo(out, args.quick, args.seed)
     print(f"\nreport: {report}")
     return 0
 

@@ -12,8 +12,13 @@ its own column so that the curation stages can be checked against the truth:
 - `planted_defect`: truncated files, HTML saved as .jpg, and dead URLs that 404.
 
 Held-out (colour, shape, count, position) combinations never appear in the training rows; the
-rows with `is_heldout` carry them as evaluation prompts. `train_urls.parquet` is the list to
-feed the pipeline; `urls.parquet` holds every row with its ground truth.
+rows with `is_heldout` carry them as evaluation prompts, in two disjoint sets (`heldout_set`):
+- "tuning": combos fixed for every world (TUNING_SEED): any choice of steps, guidance or
+  budget may look at these, and only at these;
+- "test": combos drawn from the world's seed (one run seed, one test set): what the demo
+  reports, never used to choose anything.
+`train_urls.parquet` is the list to feed the pipeline; `urls.parquet` holds every row with
+its ground truth.
 
 Serve `out_dir` at `base_url`: each URL is `<base_url>/images/<file>`.
 """
@@ -79,16 +84,22 @@ VAGUE_CAPTIONS = (
 )
 DUPLICATE_KINDS = ("resized", "recompressed", "shifted")
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges like real renders
+# The tuning combos do not depend on the run seed, so settings chosen on them hold for every
+# seed's test set; a seed only changes which other combos are tested (and held out).
+TUNING_SEED = 20261202
+HELDOUT_SETS = ("tuning", "test")
 
 
 @dataclass
 class WorldConfig:
     n_images: int = 1500
-    n_heldout: int = 48
+    n_heldout: int = 48  # test prompts
+    n_tuning: int = 24  # tuning prompts
     image_size: int = 64
     colours: tuple[str, ...] = ("red", "yellow", "green", "cyan", "blue", "purple")
     backgrounds: tuple[str, ...] = ("white", "grey", "black")
-    heldout_combos_per_colour: int = 4
+    heldout_combos_per_colour: int = 4  # test combos
+    tuning_combos_per_colour: int = 2
     vague_caption_fraction: float = 0.10
     wrong_caption_fraction: float = 0.07
     duplicate_fraction: float = 0.05
@@ -175,14 +186,31 @@ def _jitter(rgb: tuple[int, int, int], amount: int, rng: np.random.Generator) ->
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
 
 
+def tuning_combos(config: WorldConfig) -> set[tuple]:
+    """(colour, shape, count, position) combos of the tuning prompts: the same in every world."""
+    return _pick_combos(config, np.random.default_rng(TUNING_SEED),
+                        config.tuning_combos_per_colour, exclude=set())
+
+
+def seeded_test_combos(config: WorldConfig) -> set[tuple]:
+    """The test prompts' combos, drawn from the world's seed among those not used for tuning."""
+    return _pick_combos(config, np.random.default_rng([config.seed, 1]),
+                        config.heldout_combos_per_colour, exclude=tuning_combos(config))
+
+
 def heldout_combos(config: WorldConfig) -> set[tuple]:
-    """(colour, shape, count, position) combinations kept out of training, some per colour."""
-    rng = np.random.default_rng([config.seed, 1])
+    """Every combo kept out of training: the tuning and the test ones."""
+    return tuning_combos(config) | seeded_test_combos(config)
+
+
+def _pick_combos(config: WorldConfig, rng: np.random.Generator, per_colour: int,
+                 exclude: set[tuple]) -> set[tuple]:
     others = [(s, n, p) for s in SHAPES for n in COUNTS for p in POSITIONS]
     combos = set()
     for colour in config.colours:
-        picks = rng.choice(len(others), size=config.heldout_combos_per_colour, replace=False)
-        combos.update((colour, *others[i]) for i in sorted(picks))
+        free = [o for o in others if (colour, *o) not in exclude]
+        picks = rng.choice(len(free), size=per_colour, replace=False)
+        combos.update((colour, *free[i]) for i in sorted(picks))
     return combos
 
 
@@ -194,17 +222,19 @@ def _random_scene(config: WorldConfig, rng: np.random.Generator, combo: tuple | 
     return Scene(colour, shape, size, position, count, str(rng.choice(config.backgrounds)))
 
 
-def sample_scenes(config: WorldConfig, rng: np.random.Generator) -> list[tuple[Scene, bool]]:
-    """Training scenes (never a held-out combo), then held-out scenes cycling their combos."""
+def sample_scenes(config: WorldConfig, rng: np.random.Generator) -> list[tuple[Scene, str | None]]:
+    """Training scenes (never a held-out combo; set None), then the test and tuning scenes
+    cycling their combos."""
     held = heldout_combos(config)
-    scenes = []
+    scenes: list[tuple[Scene, str | None]] = []
     while len(scenes) < config.n_images:
         scene = _random_scene(config, rng)
         if (scene.colour, scene.shape, scene.count, scene.position) not in held:
-            scenes.append((scene, False))
-    ordered = sorted(held)
-    for i in range(config.n_heldout):
-        scenes.append((_random_scene(config, rng, ordered[i % len(ordered)]), True))
+            scenes.append((scene, None))
+    for name, combos, n in (("test", seeded_test_combos(config), config.n_heldout),
+                            ("tuning", tuning_combos(config), config.n_tuning)):
+        ordered = sorted(combos)
+        scenes += [(_random_scene(config, rng, ordered[i % len(ordered)]), name) for i in range(n)]
     return scenes
 
 
@@ -242,7 +272,8 @@ def near_duplicate(image: Image.Image, kind: str, background: tuple) -> tuple[by
 
 def _row(uid: str, scene: Scene, **extra) -> dict:
     row = {"id": uid, "url": None, "caption": scene.caption, "caption_quality": "exact",
-           "true_caption": scene.caption, "is_heldout": False, "duplicate_of": None,
+           "true_caption": scene.caption, "is_heldout": False, "heldout_set": None,
+           "duplicate_of": None,
            "duplicate_kind": "none", "planted_defect": "none", "file": None}
     row.update({f"true_{k}": v for k, v in dataclasses.asdict(scene).items()})
     row.update(extra)
@@ -259,8 +290,9 @@ def generate_world(config: WorldConfig, out_dir: str | Path, base_url: str) -> P
         image = render_scene(scene, config.image_size, rng)
         fmt = "png" if rng.random() < config.png_fraction else "jpg"
         data = encode_image(image, fmt, config.jpeg_quality)
-        row = _row(f"shape{n:06d}", scene, is_heldout=heldout, file=f"images/shape{n:06d}.{fmt}")
-        if not heldout:  # held-out rows are clean prompts for evaluation
+        row = _row(f"shape{n:06d}", scene, is_heldout=heldout is not None, heldout_set=heldout,
+                   file=f"images/shape{n:06d}.{fmt}")
+        if heldout is None:  # held-out rows are clean prompts for evaluation
             data = _plant_noise(row, scene, data, n, config, rng)
             originals.append((row, image))
         if data is not None:
@@ -269,11 +301,18 @@ def generate_world(config: WorldConfig, out_dir: str | Path, base_url: str) -> P
     rows += _write_duplicates(originals, len(rows), config, rng, out)
     for row in rows:
         row["url"] = f"{base_url.rstrip('/')}/{row['file']}"
-    table = pa.Table.from_pylist(rows)
+    table = pa.Table.from_pylist(rows, schema=_schema(rows))
     pq.write_table(table, out / "urls.parquet")
     pq.write_table(table.filter(pc.invert(table["is_heldout"])), out / "train_urls.parquet")
     _write_world_card(config, table, out)
     return out / "urls.parquet"
+
+
+def _schema(rows: list[dict]) -> pa.Schema:
+    """Inferred, except `heldout_set`, which is a string column even if every row is None."""
+    inferred = pa.Table.from_pylist(rows).schema
+    index = inferred.get_field_index("heldout_set")
+    return inferred.set(index, pa.field("heldout_set", pa.string()))
 
 
 def _plant_noise(row: dict, scene: Scene, data: bytes, n: int, config: WorldConfig, rng):
@@ -326,16 +365,24 @@ def _write_world_card(config: WorldConfig, table: pa.Table, out: Path) -> None:
             "palette": {c: PALETTE[c] for c in config.colours},
             "backgrounds": {b: BACKGROUNDS[b] for b in config.backgrounds},
             "shapes": SHAPES, "sizes": SIZES, "positions": POSITIONS, "counts_per_image": COUNTS,
+            "tuning_seed": TUNING_SEED,
+            "tuning_combos": sorted(tuning_combos(config)),
+            "test_combos": sorted(seeded_test_combos(config)),
             "heldout_combos": sorted(heldout_combos(config))}
     (out / "world.json").write_text(json.dumps(card, indent=1) + "\n")
 
 
-def read_scenes(urls_parquet: str | Path, heldout: bool | None = None) -> list[tuple[dict, Scene]]:
-    """(row, true scene) for every row of a world's URL list, optionally only (non-)held-out."""
+def read_scenes(urls_parquet: str | Path, heldout: bool | None = None,
+                heldout_set: str | None = None) -> list[tuple[dict, Scene]]:
+    """(row, true scene) for every row of a world's URL list, optionally only (non-)held-out
+    rows or only one held-out set ("tuning" or "test")."""
+    if heldout_set is not None and heldout_set not in HELDOUT_SETS:
+        raise ValueError(f"heldout_set {heldout_set!r}: expected one of {HELDOUT_SETS}")
     rows = pq.read_table(urls_parquet).to_pylist()
     names = [f.name for f in dataclasses.fields(Scene)]
     return [(r, Scene(*(r[f"true_{n}"] for n in names))) for r in rows
-            if heldout is None or r["is_heldout"] == heldout]
+            if (heldout is None or r["is_heldout"] == heldout)
+            and (heldout_set is None or r.get("heldout_set") == heldout_set)]
 
 
 def main(argv: list[str]) -> int:

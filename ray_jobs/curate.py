@@ -27,13 +27,14 @@ from captioning.config import CaptionConfig
 from captioning.stage import run_caption
 from dedup.config import DedupConfig
 from dedup.stage import run_dedup_for_run
+from pipeline.core.command import EXIT_USER_ERROR, InputError
 from pipeline.core.config import ConfigError, load_config, split_overrides, write_resolved_config
 from pipeline.core.runners import RunnerConfig, ensure_ray, run_stage
 from pipeline.download.stage import DownloadConfig, run_download
 from pipeline.encode.stage import EncodeConfig, run_encode
 from pipeline.inspect.funnel import format_funnel, funnel
 from pipeline.score.stage import ClipScorer, ScoreConfig, score_shards
-from pipeline.select.stage import SelectConfig, run_select
+from pipeline.select.stage import SelectConfig, SelectError, run_select
 
 
 @dataclass
@@ -140,9 +141,9 @@ def main(argv: list[str]) -> int:
     try:
         sections = load_config(SCHEMA, args.config, overrides)
         run_dir = curate(sections)
-    except ConfigError as e:
+    except (ConfigError, InputError, SelectError) as e:
         print(f"rectiflow curate: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     print(f"\nrun directory: {run_dir}\n{format_funnel(funnel(run_dir))}")
     return 0
 

@@ -1,32 +1,25 @@
 """Train a small 16-channel AutoencoderKL on a folder of images, as SD3 did first.
 
 The network is diffusers' own `AutoencoderKL`, saved with `save_pretrained`, so any diffusers
-tool (and the SD3 pipeline's `vae/` folder) loads it. The objective is reconstruction plus a
-small KL term; perceptual (LPIPS) and adversarial losses are left out because their weights
-cannot be fetched offline and flat synthetic images do not need them. After training the
-latent shift and scale are fitted to data statistics (shift = mean, scale = 1 / std of the
-latents), the way SD3 fitted 0.0609 / 1.5305 for its VAE, and written into the model config
-as `shift_factor` / `scaling_factor`. Reconstruction PSNR is measured on held-out images
-before and after training.
+tool (and the SD3 pipeline's `vae/` folder) loads it. The objective is reconstruction (MSE +
+L1) plus a small KL term; perceptual (LPIPS) and adversarial losses are left out because
+their weights cannot be fetched offline. After training the latent shift and scale are
+fitted to data statistics (shift = mean, scale = 1 / std of the latents), the way SD3 fitted
+0.0609 / 1.5305 for its VAE, and written into the model config as `shift_factor` /
+`scaling_factor`. Reconstruction PSNR is measured on held-out images before and after.
 
 The default network downsamples 8x, as SD3's does (`block_out_channels`, one level per 2x).
 
-A CPU affords a few hundred steps a minute, so training spends them on what the latents must
-carry. Most steps see 32 px crops, half of them centred on object pixels, at a quarter of a
-whole image's cost; the last 30% see whole images. The loss weights pixels that differ from
-the background (objects are a small part of each image), the colour part of the error (hue
-is learned last otherwise) and each image's mean colour (mostly its background, which the
-other weights leave behind). On the shapes world with 4x downsampling (the demo's), 90 s on
-2 cores gave 25.6 dB held-out PSNR and hues read back right 98% of the time; whole images
-with the old weights needed 180 s for 84%, and at 8x downsampling 210 s gave 63%.
+What each step sees and what its loss weighs is a `TrainingRecipe`: whole images (randomly
+flipped) with the plain objective by default. A dataset with its own needs brings its own
+recipe (the demo's shapes world: demo/autoencoder_recipe.py); nothing here knows about one.
 
-    rectiflow train-vae --images WORLD/images --out SD3_DIR/vae --autoencoder.time_budget_s=300
+    rectiflow train-vae --images DIR --out SD3_DIR/vae --autoencoder.time_budget_s=300
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import tarfile
@@ -37,10 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+from pipeline.core.decode import IMAGE_EXTENSIONS, ImageRejected, decode_for_model
+
+IMAGE_SUFFIXES = tuple(sorted(f".{ext}" for ext in IMAGE_EXTENSIONS))  # the decode module's table
 METRICS_NAME = "training_metrics.json"
 
 
@@ -54,24 +49,7 @@ class AutoencoderTrainConfig:
     warmup_steps: int = 20
     kl_weight: float = 1e-5  # on the per-element mean KL; small, as in SD's VAEs
     l1_weight: float = 1.0  # added to MSE: L1 keeps flat regions and edges sharp
-    # Extra loss weight on pixels far from the image's median colour: objects are a small part
-    # of each image, and without it the net spends its first hundreds of steps on backgrounds.
-    detail_weight: float = 5.0
-    # Extra L1 weight on the error's colour part (its deviation from the grey axis): without it
-    # the net learns shapes and brightness first and renders most hues as blue or grey.
-    chroma_weight: float = 16.0
-    # L1 weight on the error of each image's mean colour (see training_loss).
-    global_weight: float = 8.0
     image_size: int = 64
-    # Most steps train on crops of this side, half of them centred on object pixels (drawn in
-    # proportion to how far each pixel is from the image's median colour): the objects are what
-    # the latents must carry, and a crop costs a quarter of a whole 64 px image. Whole images
-    # only learned hues after ~3x the steps. 0: whole images only.
-    crop_size: int = 32
-    crop_batch_size: int = 16
-    # The last part of the run (by steps or time) trains on whole images, so GroupNorm
-    # statistics and the mid-block attention see what they will see when encoding.
-    whole_image_fraction: float = 0.3
     block_out_channels: tuple[int, ...] = (16, 32, 32, 64)  # 4 levels: downsample 8
     layers_per_block: int = 1
     latent_channels: int = 16
@@ -86,10 +64,10 @@ class AutoencoderTrainConfig:
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"block_out_channels {self.block_out_channels} must all be "
                              f"divisible by norm_num_groups={self.norm_num_groups}")
-        downsample = 2 ** (len(self.block_out_channels) - 1)
-        if self.crop_size % downsample or not 0 <= self.whole_image_fraction <= 1:
-            raise ValueError(f"crop_size {self.crop_size} must be a multiple of the downsample "
-                             f"factor {downsample}, and whole_image_fraction in [0, 1]")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
 
 
 @dataclass
@@ -138,7 +116,7 @@ def load_images(source: str | Path, size: int) -> torch.Tensor:
     for _name, data in tqdm(_image_blobs(Path(source)), desc="load images", leave=False):
         try:
             arrays.append(_decode_square(data, size))
-        except (UnidentifiedImageError, OSError, ValueError):
+        except ImageRejected:  # any reason of the decode module
             continue
     if not arrays:
         raise ValueError(f"no readable images under {source}")
@@ -162,15 +140,13 @@ def _image_blobs(source: Path):
 
 
 def _decode_square(data: bytes, size: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        image.draft("RGB", (size, size))  # JPEG: decode at about the target size
-        image = image.convert("RGB")
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-        if side != size:
-            image = image.resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(image, dtype=np.uint8)  # (S, S, 3)
+    image = decode_for_model(data, size).image  # upright RGB; JPEG: about the target size
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    if side != size:
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)  # (S, S, 3)
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -215,46 +191,43 @@ def fit_latent_statistics(vae: AutoencoderKL, images: torch.Tensor, batch_size: 
     return float(mean.mean()), float(1.0 / total_var.sqrt())
 
 
-def object_crops(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """One `size` crop of each image, clamped inside it, centred half the time on a pixel
-    drawn by its distance from the image's median colour (objects, edges) and half the time
-    anywhere (backgrounds must come out right too); x is (B, 3, S, S)."""
-    b, _, height, width = x.shape
-    median = x.flatten(2).median(dim=2).values[:, :, None, None]  # (B, 3, 1, 1)
-    distance = (x - median).abs().sum(dim=1).flatten(1)  # (B, S*S)
-    weight = distance / (distance.sum(dim=1, keepdim=True) + 1e-6) + 1.0 / distance.shape[1]
-    centre = torch.multinomial(weight, 1, generator=generator).squeeze(1)  # (B,)
-    top = (centre // width - size // 2).clamp(0, height - size)
-    left = (centre % width - size // 2).clamp(0, width - size)
-    corners = zip(top.tolist(), left.tolist(), strict=True)
-    return torch.stack([x[i, :, y : y + size, z : z + size] for i, (y, z) in enumerate(corners)])
-
-
 def random_flips(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     flip = torch.rand(len(x), generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)  # (B, 3, S, S)
 
 
-def training_loss(vae: AutoencoderKL, x: torch.Tensor, config: AutoencoderTrainConfig):
-    """Reconstruction (MSE + weighted L1) plus weighted per-element KL; x is (B, 3, S, S)."""
+def reconstruction_loss(vae: AutoencoderKL, x: torch.Tensor, config: AutoencoderTrainConfig,
+                        pixel_weight=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reconstruction + weighted per-element KL, the reconstruction error).
+
+    Reconstruction is MSE + L1 per pixel; `pixel_weight(x, error, per_pixel)`, if given,
+    returns the per-pixel loss a recipe wants instead (reweighted or with terms added)
+    before averaging. The error is returned so a recipe can add whole-image terms of its
+    own. x is (B, 3, S, S) in [-1, 1].
+    """
     posterior = vae.encode(x).latent_dist
     recon = vae.decode(posterior.sample()).sample  # (B, 3, S, S)
     kl_per_element = posterior.kl().mean() / posterior.mean[0].numel()
     error = recon - x
     per_pixel = error.pow(2) + config.l1_weight * error.abs()  # (B, 3, S, S)
-    if config.chroma_weight > 0:
-        chroma_error = error - error.mean(dim=1, keepdim=True)  # (B, 3, S, S)
-        per_pixel = per_pixel + config.chroma_weight * chroma_error.abs()
-    if config.detail_weight > 0:
-        median = x.flatten(2).median(dim=2).values[:, :, None, None]  # (B, 3, 1, 1)
-        detail = (x - median).abs().mean(dim=1, keepdim=True)  # (B, 1, S, S)
-        per_pixel = per_pixel * (1 + config.detail_weight * detail)
-    reconstruction = per_pixel.mean()
-    if config.global_weight > 0:
-        # Each image's mean colour: mostly its background, which the weights above leave to
-        # a small share of the loss and which GroupNorm's per-image normalisation hides.
-        reconstruction = reconstruction + config.global_weight * error.mean(dim=(2, 3)).abs().mean()
-    return reconstruction + config.kl_weight * kl_per_element
+    if pixel_weight is not None:
+        per_pixel = pixel_weight(x, error, per_pixel)
+    return per_pixel.mean() + config.kl_weight * kl_per_element, error
+
+
+class TrainingRecipe:
+    """Whole images, randomly flipped, with the plain objective. Subclass to change what a
+    step sees (`batch`) or what its loss weighs (`loss`)."""
+
+    def batch(self, train: torch.Tensor, step: int, progress: float,
+              config: AutoencoderTrainConfig, generator: torch.Generator) -> torch.Tensor:
+        """The step's input (B, 3, S, S) in [-1, 1]; progress runs 0..1 over the run."""
+        index = torch.randint(len(train), (config.batch_size,), generator=generator)
+        return random_flips(to_model_range(train[index]), generator)
+
+    def loss(self, vae: AutoencoderKL, x: torch.Tensor,
+             config: AutoencoderTrainConfig) -> torch.Tensor:
+        return reconstruction_loss(vae, x, config)[0]
 
 
 def learning_rate(config: AutoencoderTrainConfig, step: int, progress: float) -> float:
@@ -264,7 +237,8 @@ def learning_rate(config: AutoencoderTrainConfig, step: int, progress: float) ->
     return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def train_steps(vae: AutoencoderKL, train: torch.Tensor, config: AutoencoderTrainConfig):
+def train_steps(vae: AutoencoderKL, train: torch.Tensor, config: AutoencoderTrainConfig,
+                recipe: TrainingRecipe):
     """Run the optimisation; return (steps done, loss curve)."""
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
@@ -279,14 +253,7 @@ def train_steps(vae: AutoencoderKL, train: torch.Tensor, config: AutoencoderTrai
             progress = max(step / config.steps, elapsed / config.time_budget_s)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step, progress)
-            cropping = 0 < config.crop_size < train.shape[-1] and (
-                progress < 1 - config.whole_image_fraction)
-            count = config.crop_batch_size if cropping else config.batch_size
-            index = torch.randint(len(train), (count,), generator=generator)
-            x = random_flips(to_model_range(train[index]), generator)
-            if cropping:
-                x = object_crops(x, config.crop_size, generator)
-            loss = training_loss(vae, x, config)
+            loss = recipe.loss(vae, recipe.batch(train, step, progress, config, generator), config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
@@ -299,25 +266,27 @@ def train_steps(vae: AutoencoderKL, train: torch.Tensor, config: AutoencoderTrai
 
 
 def train_autoencoder(
-    images: torch.Tensor, out_dir: str | Path, config: AutoencoderTrainConfig
+    images: torch.Tensor, out_dir: str | Path, config: AutoencoderTrainConfig,
+    recipe: TrainingRecipe | None = None,
 ) -> AutoencoderTrainResult:
     """Train on uint8 images (N, 3, S, S), fit shift/scale, save in diffusers format to out_dir."""
     previous_threads = torch.get_num_threads()
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
     try:
-        return _train_and_save(images, Path(out_dir), config)
+        return _train_and_save(images, Path(out_dir), config, recipe or TrainingRecipe())
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train_and_save(images: torch.Tensor, out: Path, config: AutoencoderTrainConfig):
+def _train_and_save(images: torch.Tensor, out: Path, config: AutoencoderTrainConfig,
+                    recipe: TrainingRecipe):
     torch.manual_seed(config.seed)
     train, heldout = split_heldout(images, config.heldout_images, config.seed)
     vae = build_autoencoder(config)
     psnr_before = reconstruction_psnr(vae, heldout)
     began = time.monotonic()
-    steps, curve = train_steps(vae, train, config)
+    steps, curve = train_steps(vae, train, config, recipe)
     seconds = time.monotonic() - began
     shift, scale = fit_latent_statistics(vae, train[: config.stats_images])
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)

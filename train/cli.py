@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from pipeline.core.command import EXIT_USER_ERROR
 from pipeline.core.config import ConfigError, split_overrides
 
 
@@ -44,9 +45,11 @@ def main(argv: list[str]) -> int:
         skipped = trainer.fit()
         # ends the process group; a process that trains again (tests) must not call this
         trainer.accelerator.end_training()
+    # FileNotFoundError here is the user's: a dataset without dataset.json, a resume path that
+    # is not a complete checkpoint (train/checkpoint.py), each with a message that says so.
     except (ConfigError, DatasetMismatchError, ShardError, FileNotFoundError) as e:
-        print(f"rectiflow train: error: {e}", file=sys.stderr)
-        return 2
+        print(f"rectiflow train: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if skipped:
         print(f"rectiflow train: {skipped} step(s) skipped for non-finite loss", file=sys.stderr)
     return 0

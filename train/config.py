@@ -84,7 +84,11 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # floor of the cosine/linear decay, as a fraction of lr
     max_grad_norm: float = 1.0  # 0 disables clipping
     grad_accum: int = 1
-    mixed_precision: Literal["no", "bf16"] = "no"
+    # "auto": bf16 where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16
+    # or AMX), "no" (fp32) elsewhere (train/precision.py). The trainer saves the resolved value
+    # here in config.resolved.toml and the request in mixed_precision_requested.
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    mixed_precision_requested: Literal["auto"] | None = None  # written by the trainer
     activation_checkpointing: bool = False
     compile: bool = False
 

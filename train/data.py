@@ -239,7 +239,7 @@ class ShardBatches(IterableDataset):
     def __init__(self, config: DataConfig, rank: int = 0, world_size: int = 1,
                  position: dict[str, Any] | None = None):
         self.config, self.rank, self.world_size = config, rank, world_size
-        self.manifest = load_manifest(config.path)
+        self.manifest = DatasetManifest.load(config.path)
         self.workers = max(1, config.num_workers)
         self.num_slots = world_size * self.workers
         self.position = check_position(position, self.num_slots)
@@ -267,15 +267,6 @@ class ShardBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         return self.reader(info.id if info else 0).batches()
-
-
-def load_manifest(dataset: str) -> DatasetManifest:
-    url = join_url(dataset, "dataset.json")
-    try:
-        with fsspec.open(url, "r") as f:
-            return DatasetManifest.from_json(f.read())
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{url} is missing: {dataset} is not a training dataset") from e
 
 
 def load_null_prompt(dataset: str) -> dict[str, torch.Tensor]:

@@ -22,14 +22,16 @@ from tqdm.auto import tqdm
 from model.flops import mmdit_flops
 from model.flow import RectifiedFlow, sample_t, shift_t
 from pipeline.core.config import config_hash, write_resolved_config
+from pipeline.encode.training_shards import DatasetManifest
 from train import checkpoint as ckpt
-from train.data import DataPosition, ShardBatches, load_manifest, make_loader
+from train.data import DataPosition, ShardBatches, make_loader
 from train.ema import ExponentialMovingAverage
 from train.metrics import RunLogger, peak_flops
 from train.model_setup import build_model, build_model_config, check_dataset
 from train.objective import flow_config, per_sample_loss
 from train.optim import build_optimizer, build_scheduler
 from train.parallel import make_strategy
+from train.precision import resolve_mixed_precision, training_device
 from train.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -49,14 +51,17 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 class Trainer:
     def __init__(self, sections: dict[str, Any]):
-        self.cfg = sections
-        run, optim = sections["run"], sections["optim"]
+        run = sections["run"]
+        optim, precision_note = resolve_mixed_precision(sections["optim"], training_device(run))
+        self.cfg = {**sections, "optim": optim}  # the resolved precision is what gets saved
         self.out_dir = Path(run.output_dir)
         self.accelerator = Accelerator(cpu=run.cpu, mixed_precision=optim.mixed_precision)
+        if self.accelerator.is_main_process:
+            log.info(precision_note)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         torch.manual_seed(run.seed)
         self.model_config = build_model_config(sections["model"])
-        self.manifest = load_manifest(sections["data"].path)
+        self.manifest = DatasetManifest.load(sections["data"].path)
         check_dataset(self.manifest, self.model_config, sections["model"], sections["data"].path)
         self.flow = RectifiedFlow(flow_config(sections["objective"]))
         self.strategy = make_strategy(run.distributed, self.accelerator)

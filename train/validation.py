@@ -20,6 +20,7 @@ from PIL import Image
 
 from model.flow import RectifiedFlow
 from model.sampling import sample_euler
+from pipeline.core.decode import decode_for_model
 from pipeline.encode.training_shards import DatasetManifest
 from train.config import DataConfig, ModelConfig, ValidationConfig
 from train.data import (
@@ -27,7 +28,6 @@ from train.data import (
     assemble_context,
     iterate_tar,
     join_url,
-    load_manifest,
     load_null_prompt,
 )
 from train.model_setup import check_dataset
@@ -66,7 +66,7 @@ class Validator:
         self.enabled = bool(config.path)
         if not self.enabled:
             return
-        self.manifest = load_manifest(config.path)
+        self.manifest = DatasetManifest.load(config.path)
         check_dataset(self.manifest, model_config, ModelConfig(vae_id=train_manifest.vae.id),
                       config.path)  # held-out latents must come from the training data's VAE
         self.samples = load_validation_samples(config, self.manifest)
@@ -95,7 +95,8 @@ class Validator:
             if run_samples and (self.accelerator.is_main_process or self.collective):
                 path = self.sample_grid(eval_model, out_dir / "samples" / f"step-{step:08d}.png")
                 if path is not None:
-                    logger.image("val/samples", np.asarray(Image.open(path)), step)
+                    grid = decode_for_model(path.read_bytes(), None).image  # the PNG as written
+                    logger.image("val/samples", np.asarray(grid), step)
         self.accelerator.wait_for_everyone()
         return result
 

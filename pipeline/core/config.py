@@ -31,13 +31,14 @@ def load_config(
     schema: dict[str, type],
     path: str | os.PathLike | None = None,
     overrides: typing.Iterable[str] = (),
-    ignore_other_sections: bool = False,
+    ignore_sections: typing.Collection[str] = (),
 ) -> dict[str, Any]:
     """Build every section of `schema` from a TOML preset plus `--section.key=value` overrides.
 
-    `ignore_other_sections` lets a single-stage command read its own table from a whole-run
-    preset (e.g. `rectiflow select --config configs/curate_demo.toml`); overrides naming an
-    unknown section still fail.
+    `ignore_sections` are tables of the file that this command does not read, so that a
+    single-stage command can take a whole-run preset (`rectiflow select --config
+    configs/curate_demo.toml`); any other unknown table, and overrides naming a section
+    outside `schema`, still fail.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -48,8 +49,7 @@ def load_config(
             raise ConfigError(f"config file {path} does not exist") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
-        if ignore_other_sections:
-            raw = {name: table for name, table in raw.items() if name in schema}
+        raw = {name: table for name, table in raw.items() if name not in ignore_sections}
     for override in overrides:
         _apply_override(raw, override)
     unknown = sorted(set(raw) - set(schema))

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core.manifest import MANIFEST_SUFFIX, sha256_file
+from pipeline.core.manifest import manifest_shards, sha256_file
 from pipeline.core.stage import ShardSpec
 
 
@@ -59,8 +59,7 @@ def download_shards(run_dir: Path) -> list[ShardSpec]:
     """One unit of work per completed download shard (manifest, tar and parquet present)."""
     download_dir = Path(run_dir) / "download"
     shards = []
-    for manifest in sorted(download_dir.glob(f"*{MANIFEST_SUFFIX}")):
-        shard = manifest.name[: -len(MANIFEST_SUFFIX)]
+    for shard in manifest_shards(download_dir):
         table, tar = download_dir / f"{shard}.parquet", download_dir / f"{shard}.tar"
         if table.exists() and tar.exists():
             shards.append(ShardSpec(shard, {"table": table, "tar": tar}))

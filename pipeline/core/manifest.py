@@ -139,8 +139,14 @@ def remove_stale_temporaries(stage_dir: Path) -> list[Path]:
     return stale
 
 
+def manifest_shards(stage_dir: Path) -> list[str]:
+    """Names of the shards of a stage folder that have a manifest (were completed), sorted."""
+    paths = sorted(Path(stage_dir).glob(f"*{MANIFEST_SUFFIX}"))
+    return [p.name[: -len(MANIFEST_SUFFIX)] for p in paths]
+
+
 def read_manifests(stage_dir: Path) -> list[ShardManifest]:
-    return [ShardManifest.read(p) for p in sorted(Path(stage_dir).glob(f"*{MANIFEST_SUFFIX}"))]
+    return [ShardManifest.read(manifest_path(stage_dir, s)) for s in manifest_shards(stage_dir)]
 
 
 def stage_stats(stage_dir: Path) -> dict:

@@ -1,71 +1,56 @@
-"""`rectiflow download`: URL list -> RUN_DIR/download shards; `--retry-failed` for the transient.
+"""`rectiflow download RUN_DIR --urls LIST`: URL list -> RUN_DIR/download shards.
 
-    rectiflow download --urls urls.parquet --out runs/r1 [--config configs/x.toml]
+    rectiflow download runs/r1 --urls urls.parquet [--config configs/x.toml]
                        [--download.thread_count=128 --runner.backend=ray ...]
-    rectiflow download --out runs/r1 --retry-failed [--rounds 3]
+    rectiflow download runs/r1 --retry-failed [--rounds 3]
 
-`--retry-failed` re-fetches only rows whose reason is retryable (timeouts, 408, 429, 5xx,
-connection errors), each not before its `download_retry_at` (the server's Retry-After, else
-exponential backoff on the attempt count), and rewrites the affected shards' tar, Parquet and
-manifest atomically; every other row and its bytes are carried over unchanged.
+`--retry-failed` re-fetches only the rows whose reason is retryable (pipeline/download/retry.py).
+`--out RUN_DIR` is the older spelling of RUN_DIR and still works.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tarfile
-import threading
-import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from pipeline.core.config import ConfigError, load_config, split_overrides, write_resolved_config
-from pipeline.core.manifest import ShardManifest, read_manifests
+from pipeline.core.command import InputError, StageCommand, require_shards
+from pipeline.core.manifest import ShardManifest
 from pipeline.core.runners import RunnerConfig
-from pipeline.download.stage import (
-    INPUTS_DIR,
-    STAGE,
-    DownloadConfig,
-    SampleResult,
-    distribute,
-    download_shard,
-    fetch_sample,
-    remove_stale_temporaries,
-    run_download,
-)
-
-SCHEMA = {"download": DownloadConfig, "runner": RunnerConfig}
+from pipeline.download.retry import retry_failed
+from pipeline.download.stage import STAGE, DownloadConfig, ShardsFailed, run_download
 
 
-def main(argv: list[str]) -> int:
-    rest, overrides = split_overrides(argv)
-    parser = argparse.ArgumentParser(prog="rectiflow download", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="TOML preset with [download] and [runner] tables")
+def flags(parser) -> None:
+    parser.add_argument("--out", type=Path, help="same as RUN_DIR (the older spelling)")
     parser.add_argument("--urls", type=Path, help="URL list: .parquet, .csv or .jsonl")
-    parser.add_argument("--out", type=Path, required=True, help="run directory")
     parser.add_argument("--retry-failed", action="store_true",
                         help="re-fetch only retryable failures of an existing run")
     parser.add_argument("--rounds", type=int, default=1, help="retry rounds (--retry-failed)")
-    args = parser.parse_args(rest)
-    if not args.retry_failed and args.urls is None:
-        parser.error("--urls is required (or use --retry-failed on an existing run)")
-    try:
-        sections = load_config(SCHEMA, args.config, overrides)
-    except ConfigError as e:
-        print(f"rectiflow download: {e}", file=sys.stderr)
-        return 2
+
+
+def check(args) -> None:
+    if (args.run_dir is None) == (args.out is None):
+        raise InputError("give the run directory once: RUN_DIR (or its older spelling --out)")
+    args.run_dir = args.run_dir or args.out  # from here on, one name for it
+    if args.retry_failed:
+        require_shards(args.run_dir, STAGE)
+    elif args.urls is None:
+        raise InputError("--urls is required (or use --retry-failed on an existing run)")
+    elif not args.urls.is_file():
+        raise InputError(f"URL list {args.urls} does not exist")
+    if args.rounds < 1:
+        raise InputError(f"--rounds {args.rounds} must be at least 1")
+
+
+def run(args, sections) -> int:
     config, runner = sections["download"], sections["runner"]
-    write_resolved_config(args.out / STAGE, sections)
     try:
         if args.retry_failed:
-            manifests = retry_failed(config, runner, args.out, args.rounds)
+            manifests = retry_failed(config, runner, args.run_dir, args.rounds)
         else:
-            manifests = run_download(config, runner, args.urls, args.out)
-    except (RuntimeError, ValueError, FileNotFoundError) as e:
+            manifests = run_download(config, runner, args.urls, args.run_dir)
+    except ShardsFailed as e:  # not a mistake of the user's, nor a bug: the network
         print(f"rectiflow download: {e}", file=sys.stderr)
         return 1
     print(summarize(manifests))
@@ -83,84 +68,15 @@ def summarize(manifests: list[ShardManifest]) -> str:
     return "\n".join(lines)
 
 
-def retry_failed(
-    config: DownloadConfig, runner: RunnerConfig, run_dir: Path, rounds: int = 1
-) -> list[ShardManifest]:
-    """Re-fetch retryable failures, shard by shard, for up to `rounds` passes."""
-    stage_dir = Path(run_dir) / STAGE
-    if not stage_dir.is_dir():
-        raise FileNotFoundError(f"{stage_dir} does not exist: run the download first")
-    remove_stale_temporaries(stage_dir)
-    for _ in range(rounds):
-        shards = [(m.shard, stage_dir / INPUTS_DIR / f"{m.shard}.parquet")
-                  for m in read_manifests(stage_dir) if _has_retryable(stage_dir, m.shard)]
-        if not shards:
-            break
-        distribute(config, runner, stage_dir, shards, RetryShardDownloader(config, str(stage_dir)))
-    return read_manifests(stage_dir)
-
-
-def _has_retryable(stage_dir: Path, shard: str) -> bool:
-    table = pq.read_table(stage_dir / f"{shard}.parquet", columns=["download_retryable"])
-    return any(table.column("download_retryable").to_pylist())
-
-
-@dataclass
-class RetryShardDownloader:
-    """Shard worker for img2dataset's distributors that redoes only the retryable rows."""
-
-    config: DownloadConfig
-    stage_dir: str
-
-    def __call__(self, task: tuple[str, str]) -> tuple[bool, tuple[str, str]]:
-        shard, input_path = task
-        previous = PreviousShard(Path(self.stage_dir), shard)
-        try:
-            fetcher = previous.fetcher(self.config)
-            download_shard(self.config, Path(self.stage_dir), shard, Path(input_path), fetcher)
-            return True, task
-        except Exception as e:  # noqa: BLE001 -- reported like the first pass
-            print(f"retry of download shard {shard} failed: {e}", file=sys.stderr)
-            return False, task
-        finally:
-            previous.close()
-
-
-class PreviousShard:
-    """A completed shard's rows and tar entries, read on demand (never the whole tar)."""
-
-    def __init__(self, stage_dir: Path, shard: str):
-        rows = pq.read_table(stage_dir / f"{shard}.parquet").to_pylist()
-        # Duplicates share their uid with the first occurrence; they are decided again anyway.
-        self.rows = {r["uid"]: r for r in rows if r["download_reason"] != "duplicate_uid"}
-        self._file = open(stage_dir / f"{shard}.tar", "rb")  # noqa: SIM115 -- closed in close()
-        self._lock = threading.Lock()
-        self._members: dict[str, list[tuple[str, int, int]]] = {}
-        with tarfile.open(fileobj=self._file) as tar:
-            for member in tar.getmembers():
-                uid = member.name.split(".", 1)[0]
-                self._members.setdefault(uid, []).append((member.name, member.offset_data, member.size))
-
-    def entries(self, uid: str) -> list[tuple[str, bytes]]:
-        out = []
-        with self._lock:
-            for name, offset, size in self._members.get(uid, []):
-                self._file.seek(offset)
-                out.append((name, self._file.read(size)))
-        return out
-
-    def fetcher(self, config: DownloadConfig):
-        def fetch_or_reuse(row: dict) -> SampleResult:
-            before = self.rows.get(row["uid"])
-            if row.get("download_reason_in") or before is None:
-                return fetch_sample(row, config)
-            if not before["download_retryable"]:
-                return SampleResult(dict(before), self.entries(row["uid"]))
-            wait = (before["download_retry_at"] or 0.0) - time.time()
-            time.sleep(min(max(wait, 0.0), config.retry_max_wait_s))  # honour Retry-After
-            return fetch_sample(row, config, attempts=before["download_attempts"] + 1)
-
-        return fetch_or_reuse
-
-    def close(self) -> None:
-        self._file.close()
+COMMAND = StageCommand(
+    name=STAGE,
+    description="Download a URL list into WebDataset shards with a Parquet table per shard "
+    "(RUN_DIR/download), resumable; --download.KEY=VALUE and --runner.KEY=VALUE override.",
+    schema={"download": DownloadConfig, "runner": RunnerConfig},
+    flags=flags,
+    check=check,
+    run_dir_optional=True,  # for --out
+    run_dir_exists=False,  # the download creates it
+    run=run,
+)
+main = COMMAND.main

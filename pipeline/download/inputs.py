@@ -22,6 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.core import reasons
+from pipeline.core.command import InputError
 from pipeline.core.manifest import sha256_file
 from pipeline.core.uids import uid_for
 
@@ -74,7 +75,7 @@ def _detect_format(path: Path) -> str:
                         (".json", "jsonl"), (".ndjson", "jsonl")):
         if name.endswith(suffix):
             return fmt
-    raise ValueError(f"cannot tell the format of {path}; set download.input_format")
+    raise InputError(f"cannot tell the format of {path}; set download.input_format")
 
 
 def _read_jsonl(path: Path) -> Iterator[pa.Table]:
@@ -86,7 +87,7 @@ def _read_jsonl(path: Path) -> Iterator[pa.Table]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not JSON: {e}") from e
+                raise InputError(f"{path}:{line_number}: not JSON: {e}") from e
             if len(rows) == _READ_BATCH:
                 yield pa.Table.from_pylist(rows)
                 rows = []
@@ -97,7 +98,7 @@ def _read_jsonl(path: Path) -> Iterator[pa.Table]:
 def _with_uids(batch: pa.Table, config: DownloadConfig, seen: set[int]) -> pa.Table:
     """The shard's columns: uid, url, caption, passthrough columns, and a pre-fetch reason."""
     if config.url_column not in batch.column_names:
-        raise ValueError(f"URL list has no column {config.url_column!r}: {batch.column_names}")
+        raise InputError(f"URL list has no column {config.url_column!r}: {batch.column_names}")
     urls = batch.column(config.url_column).to_pylist()
     captions = _column_or_nulls(batch, config.caption_column)
     ids = _column_or_nulls(batch, config.id_column)

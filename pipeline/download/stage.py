@@ -5,7 +5,7 @@ processes (`multiprocessing_distributor`, local) or a Ray cluster (`ray_distribu
 same way its own `Downloader` is spread; the per-shard worker is ours, because every
 requirement that makes a download safe and accountable lives in the per-request code
 (`pipeline.download.fetch`: total deadline, address policy per hop, robots headers; `pipeline.core.decode`:
-header pixel cap, EXIF, RGB conversion; `pipeline.core.reasons`: classified failures).
+formats, header pixel cap, EXIF, RGB conversion; `pipeline.core.reasons`: classified failures).
 
 Flow: the URL list (Parquet, CSV or JSONL) is streamed into input shards of `rows_per_shard`
 rows with stable uids (`_inputs/NNNNN.parquet`); each shard is fetched with a thread pool,
@@ -34,8 +34,14 @@ from tqdm import tqdm
 
 from pipeline.core import reasons
 from pipeline.core.config import config_to_dict
-from pipeline.core.decode import DecodeConfig, DecodeRejected, decode_image
-from pipeline.core.manifest import ShardManifest, completed_manifest, read_manifests, shard_outputs
+from pipeline.core.decode import DecodeConfig, ImageRejected, validate_download
+from pipeline.core.manifest import (
+    ShardManifest,
+    completed_manifest,
+    read_manifests,
+    remove_stale_temporaries,
+    shard_outputs,
+)
 from pipeline.core.runners import RunnerConfig, ensure_ray
 from pipeline.download.fetch import FetchConfig, fetch
 from pipeline.download.inputs import cut_input_shards
@@ -92,11 +98,9 @@ def fetch_sample(row: dict[str, Any], config: DownloadConfig, attempts: int = 1)
         return _failed(out, fetched.reason, fetched.error, fetched.retry_after_s, config, attempts)
     data = fetched.data
     try:
-        image = decode_image(data, config.decode)
-    except DecodeRejected as e:
+        image = validate_download(data, config.decode)  # every failure comes back as a reason
+    except ImageRejected as e:
         return _failed(out, e.reason, str(e))
-    except Exception as e:  # noqa: BLE001 -- Pillow raises many types on hostile input
-        return _failed(out, reasons.DECODE_ERROR, f"{type(e).__name__}: {e}")
     out.update(download_status="success", download_width=image.width,
                download_height=image.height, download_format=image.format,
                download_bytes=len(data), download_sha256=hashlib.sha256(data).hexdigest())
@@ -225,6 +229,10 @@ def write_results(rows: list[dict[str, Any]], path: Path) -> None:
     pq.write_table(table, path)
 
 
+class ShardsFailed(RuntimeError):
+    """Some shards still failed after the distributor's retries (a rerun resumes them)."""
+
+
 def run_download(
     config: DownloadConfig, runner: RunnerConfig, urls: Path, run_dir: Path
 ) -> list[ShardManifest]:
@@ -236,15 +244,8 @@ def run_download(
     manifests = {m.shard: m for m in read_manifests(stage_dir)}
     missing = [shard for shard, _ in shards if shard not in manifests]
     if missing:
-        raise RuntimeError(f"download shards failed after retries: {missing}; rerun to resume")
+        raise ShardsFailed(f"download shards failed after retries: {missing}; rerun to resume")
     return [manifests[shard] for shard, _ in shards]
-
-
-def remove_stale_temporaries(stage_dir: Path) -> None:
-    """Delete half-written files of a killed run (one run per directory at a time)."""
-    for folder in (stage_dir, stage_dir / INPUTS_DIR):
-        for path in folder.glob(".*.tmp-*") if folder.is_dir() else ():
-            path.unlink(missing_ok=True)
 
 
 def distribute(

@@ -4,27 +4,24 @@ SD3 finetunes at 1024^2 "with mixed aspect ratios" without listing its buckets; 
 the usual list (as SDXL and kohya do): for each side that is a multiple of `multiple`, the
 largest other side that keeps the area within resolution^2, both orientations, up to
 `max_aspect`. An image goes to the bucket nearest in log aspect ratio, is resized to cover
-it and centre-cropped, and JPEGs are decoded once at about that size (Pillow draft mode),
-because a full-size decode followed by a resize wastes most of the CPU on large photos.
+it and centre-cropped, and JPEGs are decoded once at about that size (Pillow draft mode, in
+pipeline/core/decode.py), because a full-size decode followed by a resize wastes most of the
+CPU on large photos.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image
 
-from pipeline.core.image_decode import ImageRejected, to_rgb
+from pipeline.core.decode import decode_for_model
 
 # VAE downsampling 8 x MMDiT patch 2: a side that is not a multiple of 16 cannot be patched.
 MIN_MULTIPLE = 16
-# EXIF orientations that swap width and height.
-_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 
 
 @dataclass
@@ -83,12 +80,12 @@ def cover_crop_box(
     return (left, top, left + crop_w, top + crop_h)
 
 
-def oriented_size(image: Image.Image) -> tuple[int, int]:
-    """(height, width) as displayed, i.e. after the EXIF orientation is applied."""
-    width, height = image.size
-    if image.getexif().get(ExifTags.Base.Orientation, 1) in _TRANSPOSED_ORIENTATIONS:
-        return width, height
-    return height, width
+def cover_size(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """(width, height) an upright image must be decoded at to cover its bucket: what draft
+    mode may shrink a JPEG to, never below."""
+    bucket = nearest_bucket(height, width, buckets)
+    scale = max(bucket[0] / height, bucket[1] / width)
+    return (math.ceil(width * scale), math.ceil(height * scale))
 
 
 def load_bucketed(
@@ -96,32 +93,13 @@ def load_bucketed(
 ) -> tuple[Image.Image, Placement]:
     """Decode image bytes once, at about the bucket size, and resize + centre-crop into it.
 
-    Raises ImageRejected (`decode_error`, `too_many_pixels`) for unusable bytes.
+    Raises ImageRejected (pipeline.core.decode) with the reason for unusable bytes.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _load_bucketed(data, buckets, max_pixels)
-    except ImageRejected:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
-        raise ImageRejected("decode_error", str(e)[:200]) from e
-
-
-def _load_bucketed(data: bytes, buckets: list[tuple[int, int]], max_pixels: int):
-    image = Image.open(io.BytesIO(data))  # reads the header only
-    if image.size[0] * image.size[1] > max_pixels:
-        raise ImageRejected("too_many_pixels", f"{image.size[0]}x{image.size[1]}")
-    height, width = oriented_size(image)
+    decoded = decode_for_model(data, lambda w, h: cover_size(w, h, buckets), max_pixels)
+    height, width = decoded.height, decoded.width  # full size, upright
     bucket = nearest_bucket(height, width, buckets)
     box = cover_crop_box(height, width, bucket)
-    scale = max(bucket[0] / height, bucket[1] / width)
-    needed = (math.ceil(width * scale), math.ceil(height * scale))
-    if (height, width) != (image.size[1], image.size[0]):
-        needed = needed[::-1]  # draft works in the stored (unrotated) orientation
-    image.draft("RGB", needed)  # JPEG only: DCT scaling by 1/2, 1/4 or 1/8, never below needed
-    image = to_rgb(ImageOps.exif_transpose(image))
+    image = decoded.image  # upright RGB, possibly draft-scaled: scale the box with it
     factor_x, factor_y = image.size[0] / width, image.size[1] / height
     scaled_box = (box[0] * factor_x, box[1] * factor_y, box[2] * factor_x, box[3] * factor_y)
     resized = image.resize((bucket[1], bucket[0]), Image.Resampling.BICUBIC, box=scaled_box)

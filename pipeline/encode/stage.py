@@ -33,9 +33,10 @@ import torch
 
 from model.loading import load_text_encoders, load_vae
 from model.text_encoding import CLIP_MAX_LENGTH, encode_prompts
-from pipeline.core.config import config_hash
+from pipeline.core.command import InputError
+from pipeline.core.config import ConfigError, config_hash
+from pipeline.core.decode import ImageRejected
 from pipeline.core.devices import resolve_device, resolve_dtype
-from pipeline.core.image_decode import ImageRejected
 from pipeline.core.kept import (
     decisions_digest,
     decode_ahead,
@@ -191,7 +192,7 @@ class EncodeStage(Stage):
             return {}
         path = self.run_dir / "caption" / f"{shard}.parquet"
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run `rectiflow caption` for every shard first")
+            raise InputError(f"{path} is missing: run `rectiflow caption` for every shard first")
         table = pq.read_table(path, columns=["uid", "caption_synthetic"])
         return {r["uid"]: {"caption_synthetic": r["caption_synthetic"]} for r in table.to_pylist()}
 
@@ -276,11 +277,11 @@ def run_encode(
 ) -> DatasetManifest:
     """Encode every download shard of `run_dir` into training shards under RUN_DIR/encode/."""
     if not config.model:
-        raise ValueError("encode.model is empty: give an SD3 diffusers folder or hub id")
+        raise ConfigError("encode.model is empty: give an SD3 diffusers folder or hub id")
     run_dir = Path(run_dir)
     shards = download_shards(run_dir)
     if not shards:
-        raise FileNotFoundError(f"{run_dir / 'download'} has no completed download shards")
+        raise InputError(f"{run_dir / 'download'} has no completed download shards")
     variants = ["original", "synthetic"] if list((run_dir / "caption").glob("*.parquet")) else ["original"]
     digest = decisions_digest(run_dir) + _files_digest(sorted((run_dir / "caption").glob("*.parquet")))
     factory = functools.partial(EncodeStage, config, run_dir, variants, digest)

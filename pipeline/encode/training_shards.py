@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 
@@ -92,11 +93,14 @@ class DatasetManifest:
         return cls(**data)
 
     @classmethod
-    def load(cls, dataset_dir: str | Path) -> DatasetManifest:
-        path = Path(dataset_dir) / MANIFEST_NAME
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: {dataset_dir} is not a training dataset")
-        return cls.from_json(path.read_text())
+    def load(cls, dataset: str | Path) -> DatasetManifest:
+        """The manifest of a training dataset: a local folder or an fsspec URL (s3://...)."""
+        url = f"{str(dataset).rstrip('/')}/{MANIFEST_NAME}"
+        try:
+            with fsspec.open(url, "r") as f:
+                return cls.from_json(f.read())
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{url} is missing: {dataset} is not a training dataset") from e
 
 
 def tensor_to_npy(tensor: torch.Tensor, dtype: str) -> bytes:

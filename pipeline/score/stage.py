@@ -8,8 +8,9 @@ caption length. Rows are keyed by uid (`score_*` columns, docs/formats.md).
 
 Which rows: only successful downloads are scored; failed downloads already carry their
 reason in `download/` and are absent here, so the score stage's rows in = download's rows
-out. An image that cannot be decoded keeps its row with `score_reason` (`decode_error`,
-`too_many_pixels`, `missing_image`) and null scores.
+out. An image that cannot be decoded keeps its row with `score_reason` (a reason of
+pipeline/core/decode.py: `decode_error`, `not_an_image`, `empty_body`, `too_many_pixels`; or
+`missing_image` when the tar has no original for the uid) and null scores.
 
 Without head weights the aesthetic and NSFW columns are null (the manifest says no head was
 given) rather than a made-up number. Decoding, the model's preprocessing and tokenizing run
@@ -33,8 +34,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.core.config import config_hash
-from pipeline.core.image_decode import ImageRejected, decode_image
-from pipeline.core.manifest import MANIFEST_SUFFIX
+from pipeline.core.decode import ImageRejected, decode_for_model, original_image_key
+from pipeline.core.kept import download_shards
 from pipeline.core.runners import RunnerConfig
 from pipeline.core.stage import ShardSpec, Stage
 from pipeline.score.open_clip_models import (
@@ -45,7 +46,6 @@ from pipeline.score.open_clip_models import (
     load_scoring_clip,
 )
 
-IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif", "jfif"}
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -230,8 +230,8 @@ class TarIndex:
         self.entries: dict[str, tuple[int, int]] = {}
         with tarfile.open(self.path, "r:") as tar:
             for member in tar:  # headers only: the data is skipped, not read
-                key, _, ext = member.name.rpartition("/")[2].partition(".")
-                if member.isfile() and ext.lower() in IMAGE_EXTENSIONS:
+                key = original_image_key(member.name) if member.isfile() else None
+                if key is not None:
                     self.entries[key] = (member.offset_data, member.size)
 
     def read_many(self, uids: list[str]) -> list[bytes | None]:
@@ -251,7 +251,7 @@ def _prepare(data: bytes | None, target: int, max_pixels: int, preprocess) -> _P
     if data is None:
         return "missing_image"
     try:
-        decoded = decode_image(data, target, max_pixels)
+        decoded = decode_for_model(data, target, max_pixels)
     except ImageRejected as e:
         return e.reason
     return _Prepared(decoded.width, decoded.height, preprocess(decoded.image))
@@ -275,11 +275,5 @@ def _embedding_array(emb: torch.Tensor, ok: list[int], rows: int, schema: pa.Sch
 
 
 def score_shards(download_dir: Path) -> list[ShardSpec]:
-    """One score shard per completed download shard (its manifest exists)."""
-    shards = []
-    for manifest in sorted(Path(download_dir).glob(f"*{MANIFEST_SUFFIX}")):
-        shard = manifest.name[: -len(MANIFEST_SUFFIX)]
-        table, tar = Path(download_dir) / f"{shard}.parquet", Path(download_dir) / f"{shard}.tar"
-        if table.exists() and tar.exists():
-            shards.append(ShardSpec(shard, {"table": table, "tar": tar}))
-    return shards
+    """One score shard per completed download shard (the one listing: pipeline/core/kept.py)."""
+    return download_shards(Path(download_dir).parent)

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.config import config_hash
-from pipeline.core.manifest import MANIFEST_SUFFIX, ShardManifest, completed_manifest, shard_outputs
+from pipeline.core.manifest import ShardManifest, completed_manifest, manifest_shards, shard_outputs
 
 PRESETS: dict[str, dict[str, object]] = {
     "none": {},
@@ -202,8 +202,8 @@ def check_scores_present(rules: list[Rule], score_files: list[Path]) -> None:
 def score_tables(score_dir: Path) -> list[Path]:
     """The score stage's completed shard tables, in shard order."""
     tables = []
-    for manifest in sorted(Path(score_dir).glob(f"*{MANIFEST_SUFFIX}")):
-        table = Path(score_dir) / (manifest.name[: -len(MANIFEST_SUFFIX)] + ".parquet")
+    for shard in manifest_shards(score_dir):
+        table = Path(score_dir) / f"{shard}.parquet"
         if table.exists():
             tables.append(table)
     return tables

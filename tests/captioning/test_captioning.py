@@ -153,6 +153,7 @@ def test_run_caption_covers_kept_samples_and_resumes(captioner_config, tmp_path)
     assert again == manifests  # same manifest: the shard was skipped, not redone
 
 
+@pytest.mark.ray
 def test_caption_runs_as_a_ray_actor_pool(captioner_config, tmp_path):
     import ray
 

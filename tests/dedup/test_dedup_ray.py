@@ -16,7 +16,7 @@ from dedup.stage import run_dedup
 ray = pytest.importorskip("ray")
 from dedup.ray_runner import batch_tiles, ray_tile_runner, run_tiles_on_ray  # noqa: E402
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def ground_truth(tmp_path_factory):
 def test_detector_reads_ground_truth_images(ground_truth):
     images, scenes = ground_truth
     accuracy = evaluate_adherence(images, scenes, CLEAN.colours)
-    assert accuracy["n"] == len(scenes) == CLEAN.n_images + CLEAN.n_heldout
+    assert accuracy["n"] == len(scenes) == CLEAN.n_images + CLEAN.n_heldout + CLEAN.n_tuning
     for attribute in ATTRIBUTES:
         assert accuracy[attribute] >= 0.98, accuracy
     assert accuracy["all"] >= 0.95, accuracy

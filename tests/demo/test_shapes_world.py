@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from demo.shapes_world import WorldConfig, generate_world, heldout_combos, main, read_scenes
+from demo.shapes_world import (
+    WorldConfig,
+    generate_world,
+    heldout_combos,
+    main,
+    read_scenes,
+    seeded_test_combos,
+    tuning_combos,
+)
 from pipeline.core.config import RESOLVED_CONFIG_NAME
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,7 +49,7 @@ def _decodes(path) -> bool:
 def test_rows_urls_and_exact_captions(world):
     out, rows = world
     duplicates = [r for r in rows if r["duplicate_of"]]
-    assert len(rows) == NOISY.n_images + NOISY.n_heldout + len(duplicates)
+    assert len(rows) == NOISY.n_images + NOISY.n_heldout + NOISY.n_tuning + len(duplicates)
     assert len(duplicates) == round(NOISY.duplicate_fraction * NOISY.n_images)
     assert len({r["id"] for r in rows}) == len(rows)
     for row, scene in read_scenes(out / "urls.parquet"):
@@ -95,13 +104,31 @@ def test_near_duplicates_look_like_their_source(world):
 def test_heldout_combos_never_reach_training(world):
     out, rows = world
     held = heldout_combos(NOISY)
-    assert len(held) == len(NOISY.colours) * NOISY.heldout_combos_per_colour
+    per_colour = NOISY.heldout_combos_per_colour + NOISY.tuning_combos_per_colour
+    assert len(held) == len(NOISY.colours) * per_colour
     for _, scene in read_scenes(out / "urls.parquet"):
         key = (scene.colour, scene.shape, scene.count, scene.position)
         assert (key in held) == any(r["is_heldout"] for r in rows if r["true_caption"] == scene.caption)
     train = pq.read_table(out / "train_urls.parquet").to_pylist()
     assert train and not any(r["is_heldout"] for r in train)
-    assert len(train) == len(rows) - NOISY.n_heldout
+    assert len(train) == len(rows) - NOISY.n_heldout - NOISY.n_tuning
+
+
+def test_tuning_and_test_prompts_are_disjoint_and_only_the_test_set_follows_the_seed(world):
+    out, _ = world
+    tuning, test = tuning_combos(NOISY), seeded_test_combos(NOISY)
+    assert tuning and test and not tuning & test
+    other = WorldConfig(**{**NOISY.__dict__, "seed": 8})
+    assert tuning_combos(other) == tuning  # settings chosen on it hold for every seed
+    assert seeded_test_combos(other) != test and not tuning_combos(other) & seeded_test_combos(other)
+    for name, combos, count in (("tuning", tuning, NOISY.n_tuning), ("test", test, NOISY.n_heldout)):
+        scenes = read_scenes(out / "urls.parquet", heldout=True, heldout_set=name)
+        assert len(scenes) == count
+        assert {(s.colour, s.shape, s.count, s.position) for _, s in scenes} <= combos
+    card = json.loads((out / "world.json").read_text())
+    assert sorted(map(list, test)) == card["test_combos"] and card["config"]["seed"] == NOISY.seed
+    with pytest.raises(ValueError, match="heldout_set"):
+        read_scenes(out / "urls.parquet", heldout_set="validation")
 
 
 def test_generation_is_deterministic(world, tmp_path):
@@ -120,10 +147,11 @@ def test_generation_is_deterministic(world, tmp_path):
 
 def test_cli_writes_world_and_resolved_config(tmp_path):
     code = main(["--out", str(tmp_path), "--base-url", BASE_URL,
-                 "--world.n_images=12", "--world.n_heldout=4", "--world.image_size=48"])
+                 "--world.n_images=12", "--world.n_heldout=4", "--world.n_tuning=2",
+                 "--world.image_size=48"])
     assert code == 0
     rows = pq.read_table(tmp_path / "urls.parquet").to_pylist()
-    assert sum(r["is_heldout"] for r in rows) == 4
+    assert sum(r["is_heldout"] for r in rows) == 6
     png = next(r for r in rows if r["planted_defect"] == "none")
     assert Image.open(io.BytesIO((tmp_path / png["file"]).read_bytes())).size[0] in (48, 72)
     assert "n_images = 12" in (tmp_path / RESOLVED_CONFIG_NAME).read_text()

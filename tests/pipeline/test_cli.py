@@ -1,11 +1,15 @@
 """The `rectiflow` entry point: help lists only commands that import and answer --help."""
 
+import importlib
 import subprocess
 import sys
 
 import pytest
 
 from pipeline import cli
+from pipeline.core.command import StageCommand
+
+STAGE_COMMANDS = ["download", "score", "select", "dedup", "caption", "encode", "inspect"]
 
 
 def test_help_lists_every_command(capsys):
@@ -34,3 +38,15 @@ def test_console_script_runs():
         [sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "commands:" in result.stdout
+
+
+@pytest.mark.parametrize("name", STAGE_COMMANDS)
+def test_every_stage_command_is_built_on_the_one_helper(name, capsys):
+    module = importlib.import_module(cli.COMMANDS[name][0].split(":")[0])
+    assert isinstance(module.COMMAND, StageCommand) and cli.resolve(name) == module.COMMAND.main
+    with pytest.raises(SystemExit):
+        cli.main([name, "--help"])
+    usage = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal
+    assert "RUN_DIR" in usage
+    if name != "inspect":
+        assert "whole-run preset" in usage and "overrides win over --config" in usage

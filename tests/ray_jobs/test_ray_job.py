@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 from download_factory import tiny_clip_dir
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[2]
 NETGUARD = REPO / "tests" / "netguard"

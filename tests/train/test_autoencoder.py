@@ -1,4 +1,6 @@
-"""Autoencoder training: a tiny real run through the CLI, saved in diffusers format and reloaded."""
+"""Autoencoder training: a tiny real run through the CLI (the generic recipe: whole images,
+MSE + L1 + KL), saved in diffusers format and reloaded. The shapes world's own recipe is
+tested in tests/demo/test_autoencoder_recipe.py."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from train.autoencoder import (
 
 pytestmark = pytest.mark.timeout(120)
 
-WORLD = WorldConfig(n_images=96, n_heldout=0, broken_file_fraction=0.1, dead_url_fraction=0,
+WORLD = WorldConfig(n_images=96, n_heldout=0, n_tuning=0, broken_file_fraction=0.1, dead_url_fraction=0,
                     duplicate_fraction=0, seed=3)
 # Four levels keep downsample 8 (64 px -> 8x8x16 latents); tiny widths keep it quick on CPU.
 TINY = ["--autoencoder.steps=60", "--autoencoder.batch_size=8", "--autoencoder.num_threads=1",
@@ -96,27 +98,3 @@ def test_config_rejects_widths_that_groupnorm_cannot_split():
     with pytest.raises(ConfigError, match="norm_num_groups"):
         load_config({"autoencoder": AutoencoderTrainConfig}, None,
                     ["--autoencoder.block_out_channels=[12, 16, 16, 16]"])
-
-
-def test_object_crops_stay_inside_and_find_the_objects():
-    from train.autoencoder import object_crops
-
-    # 64 px black images, one 6 px white square each at a random place.
-    generator = torch.Generator().manual_seed(0)
-    corners = torch.randint(0, 58, (400, 2), generator=generator)
-    images = torch.full((400, 3, 64, 64), -1.0)
-    for i, (y, x) in enumerate(corners.tolist()):
-        images[i, :, y : y + 6, x : x + 6] = 1.0
-    crops = object_crops(images, 32, generator)
-    assert crops.shape == (400, 3, 32, 32)
-    with_object = (crops.amax(dim=(1, 2, 3)) > 0).float().mean()
-    # Half the crops aim at the object and always hold it; the uniform half holds it about a
-    # quarter of the time (a 32 px window of 64 px), so about 0.5 + 0.5 * ~0.3 in all.
-    assert 0.55 < with_object < 0.9, with_object
-    whole = object_crops(images, 64, generator)
-    assert torch.equal(whole, images)
-
-
-def test_config_rejects_crops_the_latent_grid_cannot_hold():
-    with pytest.raises(ConfigError, match="crop_size"):
-        load_config({"autoencoder": AutoencoderTrainConfig}, None, ["--autoencoder.crop_size=36"])

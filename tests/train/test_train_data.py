@@ -14,6 +14,7 @@ import torch
 from shard_factory import DatasetSpec, TinyDims, write_dataset
 from train_helpers import single_thread  # noqa: F401 (fixture)
 
+from pipeline.encode.training_shards import DatasetManifest
 from train.config import DataConfig, ModelConfig
 from train.data import (
     DataPosition,
@@ -21,7 +22,6 @@ from train.data import (
     ShardBatches,
     ShardError,
     iterate_tar,
-    load_manifest,
     load_null_prompt,
     make_loader,
     read_shard_index,
@@ -105,7 +105,7 @@ def test_bucket_leftovers_carry_over_instead_of_being_dropped():
 
 def test_each_worker_of_each_rank_reads_its_own_slot_of_the_plan(dataset):
     config = DataConfig(path=str(dataset), batch_size=1, num_workers=2)
-    manifest = load_manifest(str(dataset))
+    manifest = DatasetManifest.load(str(dataset))
     index = [read_shard_index(str(dataset), s.name) for s in manifest.shards]
     uids, buckets = [u for u, _ in index], [b for _, b in index]
     for rank in (0, 1):
@@ -118,12 +118,12 @@ def test_each_worker_of_each_rank_reads_its_own_slot_of_the_plan(dataset):
 
 
 def _raw_sample(dataset: Path) -> dict:
-    manifest = load_manifest(str(dataset))
+    manifest = DatasetManifest.load(str(dataset))
     return next(iterate_tar(f"{dataset}/{manifest.shards[0].name}"))
 
 
 def test_caption_variant_and_encoder_dropout_rates(dataset):
-    manifest = load_manifest(str(dataset))
+    manifest = DatasetManifest.load(str(dataset))
     raw = _raw_sample(dataset)
     decoder = SampleDecoder(manifest, DataConfig(path=str(dataset)))
     n, dropped, synthetic = 1500, Counter(), 0
@@ -149,7 +149,7 @@ def test_null_prompt_fill_gives_dropped_encoders_the_encoding_of_the_empty_promp
     # classifier-free guidance extrapolates from a branch the model was trained on.
     from train.data import assemble_context
 
-    manifest = load_manifest(str(dataset))
+    manifest = DatasetManifest.load(str(dataset))
     expected_context, expected_pooled = assemble_context(load_null_prompt(str(dataset)))
     raw = _raw_sample(dataset)
     for fill in ("null_prompt", "zeros"):
@@ -172,7 +172,7 @@ def _t5_mean(raw: dict, variant: str) -> float:
 
 
 def test_latents_are_normalised_with_the_manifest_factors(dataset):
-    manifest = load_manifest(str(dataset))
+    manifest = DatasetManifest.load(str(dataset))
     raw = _raw_sample(dataset)
     from pipeline.encode.training_shards import npy_to_tensor
 
@@ -196,7 +196,7 @@ def test_corrupt_shard_is_named_or_skipped_and_counted(tmp_path):
 
 def test_manifest_mismatch_is_refused_with_every_reason(tmp_path):
     write_dataset(tmp_path, DatasetSpec(samples_per_shard=[2], dims=TinyDims(t5=48)))
-    manifest = load_manifest(str(tmp_path))
+    manifest = DatasetManifest.load(str(tmp_path))
     section = ModelConfig(preset="tiny", mmdit={"pooled_projection_dim": 48, "joint_attention_dim": 64},
                           vae_id="stabilityai/sd3-vae")
     with pytest.raises(DatasetMismatchError) as error:

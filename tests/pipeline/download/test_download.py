@@ -57,7 +57,7 @@ def test_every_case_ends_with_its_reason_and_shards_follow_the_contract(image_se
             for c in CASES]
     rows += [dict(rows[0]), {"url": None, "caption": "no url"}]  # a repeat and a hole
     urls = write_jsonl(tmp_path / "urls.jsonl", rows)
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     manifests = run_download(config(), LOCAL, urls, tmp_path / "run")
     elapsed = time.perf_counter() - start
 
@@ -65,7 +65,9 @@ def test_every_case_ends_with_its_reason_and_shards_follow_the_contract(image_se
     assert [r["url"] for r in out] == [r["url"] for r in rows]  # every row, in input order
     expected = list(CASES.values()) + ["duplicate_uid", "missing_url"]
     assert [r["download_reason"] for r in out] == expected
-    assert elapsed < 10  # slow servers cost their deadline (1 s), in parallel, not a hang
+    # slow servers cost their deadline (1 s), not a hang (a few seconds here when idle; the
+    # bound leaves room for a loaded 2-core machine)
+    assert elapsed < 30
     for row in out:
         assert row["download_status"] == ("success" if row["download_reason"] is None else "failed")
         assert row["lang"] == ("en" if row["caption"] != "no url" else None)  # passthrough
@@ -90,7 +92,8 @@ def test_every_case_ends_with_its_reason_and_shards_follow_the_contract(image_se
     assert (rotated["download_width"], rotated["download_height"]) == (451, 300)
     http_429 = next(r for r in out if r["download_reason"] == "http_429")
     assert http_429["download_retryable"] and http_429["download_http_status"] == 429
-    assert http_429["download_retry_at"] == pytest.approx(time.time() + 7, abs=10)
+    # Retry-After: 7, counted from when the request failed (some time during the run)
+    assert started_at + 7 - 1 <= http_429["download_retry_at"] <= time.time() + 7 + 1
 
 
 def test_rerun_skips_completed_shards(image_server, tmp_path):

@@ -12,7 +12,7 @@ from pipeline.core.runners import RunnerConfig
 from pipeline.download.fetch import FetchConfig
 from pipeline.download.stage import DownloadConfig, run_download
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.ray]
 
 
 def shard_files(run_dir: Path) -> dict[str, bytes]:

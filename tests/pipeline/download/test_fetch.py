@@ -30,13 +30,15 @@ def test_total_deadline_stops_a_server_that_drips(image_server):
     result = fetch(image_server.url("drip/3/astronaut.jpg"), config)
     elapsed = time.perf_counter() - start
     assert result.reason == "timeout" and result.data is None
-    assert 0.7 < elapsed < 1.5
+    # the 0.8 s deadline, not the 3 s drip; the upper margin is for a loaded 2-core machine
+    assert 0.7 < elapsed < 2.5
 
 
 def test_total_deadline_covers_slow_headers(image_server):
     start = time.perf_counter()
     result = fetch(image_server.url("sleep/3/astronaut.jpg"), LOCAL)
-    assert result.reason == "timeout" and time.perf_counter() - start < 1.5
+    # the 1 s deadline, well before the server's 3 s sleep ends (margin for a loaded machine)
+    assert result.reason == "timeout" and time.perf_counter() - start < 2.5
 
 
 @pytest.mark.parametrize(

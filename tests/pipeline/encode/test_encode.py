@@ -31,14 +31,14 @@ BUCKETS = BucketConfig(resolution=64, multiple=16)
 
 
 def _corrupt_one_image(run_dir: Path, uid: str) -> None:
-    """Replace one sample's image bytes in its download tar with garbage."""
+    """Cut one sample's image bytes in its download tar in half: a corrupt, truncated file."""
     tar_path = run_dir / "download" / "00001.tar"
     members = []
     with tarfile.open(tar_path) as tar:
         for member in tar:
             data = tar.extractfile(member).read()
             if member.name.startswith(f"{uid}.") and not member.name.endswith(".json"):
-                data = b"not an image at all"
+                data = data[: len(data) // 2]
             members.append((member.name, data))
     with tarfile.open(tar_path, "w") as tar:
         for name, data in members:

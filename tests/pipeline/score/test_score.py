@@ -24,7 +24,7 @@ from download_factory import (
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline.core.image_decode import decode_image
+from pipeline.core.decode import decode_for_model
 from pipeline.core.manifest import ShardManifest, manifest_path
 from pipeline.core.runners import RunnerConfig, run_stage
 from pipeline.core.stage import run_shard
@@ -93,10 +93,11 @@ def test_bad_images_get_a_reason_and_good_ones_of_every_mode_are_scored(tmp_path
     assert {u: scores[u]["score_reason"] for u in ("truncated", "bomb", "empty", "html")} == {
         "truncated": "decode_error",
         "bomb": "too_many_pixels",
-        "empty": "decode_error",
-        "html": "decode_error",
+        "empty": "empty_body",
+        "html": "not_an_image",
     }
-    assert manifest.reasons == {"decode_error": 3, "too_many_pixels": 1}
+    assert manifest.reasons == {"decode_error": 1, "too_many_pixels": 1, "empty_body": 1,
+                                "not_an_image": 1}
     assert manifest.rows_out == len(rows) - 4
     assert scores["bomb"]["score_clip"] is None and scores["bomb"]["score_image_embedding"] is None
     for uid in ("rotated", "cmyk", "rgba", "palette", "sixteen"):
@@ -118,16 +119,16 @@ def test_missing_tar_entry_is_counted_not_lost(tmp_path, clip_dir):
 
 def test_draft_mode_decodes_large_jpegs_small_but_reports_full_size():
     big = photo("astronaut", (2048, 1536))
-    decoded = decode_image(encode(big), target=224, max_pixels=10**8)
+    decoded = decode_for_model(encode(big), target=224, max_pixels=10**8)
     assert (decoded.width, decoded.height) == (2048, 1536)
     # 1/4 scale: the smallest JPEG DCT scale whose both sides still cover 224.
     assert decoded.image.size == (512, 384)
-    assert min(decode_image(encode(big), 64, 10**8).image.size) >= 64
+    assert min(decode_for_model(encode(big), 64, 10**8).image.size) >= 64
     # Animated GIF: the first frame is used.
     frames = [Image.new("RGB", (40, 40), c) for c in ("red", "blue")]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
-    first = decode_image(buffer.getvalue(), 32, 10**8).image
+    first = decode_for_model(buffer.getvalue(), 32, 10**8).image
     assert first.getpixel((5, 5))[0] > 200 and first.getpixel((5, 5))[2] < 50
 
 
