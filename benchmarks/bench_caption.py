@@ -28,7 +28,7 @@ from bench_common import best_of_alternating, peak_memory_by_size, peak_rss_mb, 
 
 from captioning.config import CaptionConfig  # noqa: E402
 from captioning.stage import CaptionStage, run_caption  # noqa: E402
-from pipeline.core.kept import download_shards  # noqa: E402
+from pipeline.core.lineage import download_shards  # noqa: E402
 
 
 def caption_config(args) -> CaptionConfig:
@@ -79,7 +79,7 @@ def main() -> None:
             print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1)}))
             return
         images = write_run(run_dir, args.samples, args.per_shard, size)
-        stage = CaptionStage(caption_config(args), run_dir)
+        stage = CaptionStage(caption_config(args))
         stage.setup()
         decoded = [Image.open(io.BytesIO(d)).convert("RGB") for d in images]
         bare_generate(stage, decoded[: args.batch_size], args.batch_size)()  # warm-up

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import best_of_alternating, peak_memory_by_size, peak_rss_mb, write_run  # noqa: E402
 
 from model.text_encoding import encode_prompts  # noqa: E402
-from pipeline.core.kept import download_shards  # noqa: E402
+from pipeline.core.lineage import download_shards  # noqa: E402
 from pipeline.encode.buckets import BucketConfig, load_bucketed, to_vae_input  # noqa: E402
 from pipeline.encode.stage import EncodeConfig, EncodeStage, run_encode  # noqa: E402
 
@@ -114,7 +114,7 @@ def main() -> None:
             return
         images = write_run(run_dir, args.samples, args.per_shard, size)
         captions = [f"a photo number b{i:07d}" for i in range(args.samples)]
-        stage = EncodeStage(encode_config(args), run_dir, ["original"])
+        stage = EncodeStage(encode_config(args), run_dir / "encode", ["original"])
         stage.setup()
         pixels = [to_vae_input(load_bucketed(data, stage.buckets)[0]) for data in images]
         bare_forward(stage, pixels[: args.batch_size], captions, args.batch_size)()  # warm-up

@@ -11,7 +11,7 @@ from pipeline.core.manifest import stage_stats
 
 
 def run(args, sections) -> None:
-    run_caption(sections["caption"], args.run_dir)
+    run_caption(sections["caption"], args.run_dir, verify=args.verify)
     print(json.dumps(stage_stats(args.run_dir / "caption"), indent=1))
 
 
@@ -21,6 +21,7 @@ COMMAND = StageCommand(
     "--caption.model=DIR --caption.runner.backend=ray --caption.runner.num_gpus=0.5.",
     schema={"caption": CaptionConfig},
     needs="download",
+    verifies=True,
     run=run,
 )
 main = COMMAND.main

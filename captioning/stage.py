@@ -1,6 +1,7 @@
 """The caption stage: a VLM caption for every kept sample, cleaned, with its provenance.
 
-Rows in are the samples every upstream decision kept (pipeline/core/kept.py); each row keeps the
+Rows in are the samples of download shard k that shard k's decisions kept (download, select,
+dedup when they ran: pipeline/core/lineage.py); each row keeps the
 original caption beside the synthetic one, so the trainer can mix them (SD3: 50/50). A row
 whose image cannot be decoded or whose caption is rejected (`empty_caption`, `refusal`,
 `repetitive_caption`) keeps its raw output and gets `caption_reason`; the encode stage skips
@@ -24,13 +25,7 @@ from captioning.config import CaptionConfig
 from captioning.templates import resolve_prompt
 from pipeline.core.config import ConfigError, config_hash
 from pipeline.core.decode import ImageRejected, decode_for_model
-from pipeline.core.kept import (
-    decisions_digest,
-    decode_ahead,
-    download_shards,
-    iter_kept_rows,
-    kept_uids,
-)
+from pipeline.core.lineage import decode_ahead, iter_kept_rows, plan_lineage
 from pipeline.core.manifest import ShardManifest
 from pipeline.core.runners import RunnerConfig, run_stage
 from pipeline.core.stage import ShardSpec, Stage
@@ -53,15 +48,12 @@ CAPTION_SCHEMA = pa.schema([
 class CaptionStage(Stage):
     name = "caption"
 
-    def __init__(self, config: CaptionConfig, run_dir: str | Path, decisions: str = ""):
+    def __init__(self, config: CaptionConfig):
         super().__init__(config)
         self.batch_size = config.batch_size
-        self.run_dir = Path(run_dir)
-        self.decisions = decisions  # digest of the upstream decisions (part of the fingerprint)
         self.prompt = resolve_prompt(config.prompt_id, config.prompt_text)
         self.captioner: Captioner | None = None
         self.count_tokens: TokenCounter = approximate_tokens
-        self.kept: set[str] | pa.Array = set()
         self._decoded: deque[list] = deque()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -69,7 +61,6 @@ class CaptionStage(Stage):
         captioner = TransformersCaptioner(self.config)
         self.count_tokens = captioner.token_counter() or approximate_tokens
         self.captioner = captioner
-        self.kept = pa.array(sorted(kept_uids(self.run_dir)), pa.string())
 
     def models(self) -> dict[str, str]:
         revision = self.captioner.model_revision if self.captioner else self.config.revision
@@ -77,9 +68,10 @@ class CaptionStage(Stage):
                 "prompt": f"{self.prompt.id}@{self.prompt.hash}"}
 
     def fingerprint(self) -> str:
-        # Where it runs does not change captions; the model, prompt, params and inputs do.
+        # Where it runs does not change captions; the model, prompt and params do (and the
+        # shard's inputs, whose recorded checksums its manifest compares).
         what = replace(self.config, runner=RunnerConfig(), device="auto", decode_threads=1)
-        return f"{config_hash(what)}-{self.prompt.hash}-{self.decisions}"
+        return f"{config_hash(what)}-{self.prompt.hash}"
 
     def output_schema(self) -> pa.Schema:
         return CAPTION_SCHEMA
@@ -89,8 +81,7 @@ class CaptionStage(Stage):
         index = TarIndex(shard.inputs["tar"])
         batches = (batch.append_column("image", pa.array(index.read_many(batch["uid"].to_pylist()),
                                                          pa.binary()))
-                   for batch in iter_kept_rows(shard.inputs["table"], self.kept, self.batch_size,
-                                               ["uid", "caption"]))
+                   for batch in iter_kept_rows(shard, self.batch_size, ["uid", "caption"]))
         self._decoded.clear()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="decode")
@@ -134,13 +125,25 @@ class CaptionStage(Stage):
         return pa.table(columns, schema=CAPTION_SCHEMA)
 
 
+CAPTION_READS = ("select", "dedup")  # besides download k: the decisions it applies
+
+
 def run_caption(
-    config: CaptionConfig, run_dir: str | Path, runner: RunnerConfig | None = None
+    config: CaptionConfig, run_dir: str | Path, runner: RunnerConfig | None = None,
+    verify: bool = False,
 ) -> list[ShardManifest]:
-    """Caption every download shard of `run_dir` into RUN_DIR/caption/ (resumable)."""
+    """Caption every ready download shard of `run_dir` into RUN_DIR/caption/ (resumable).
+
+    Shards whose upstream decisions are missing are not run: NotReady names them, after the
+    ready ones are done.
+    """
     if not config.model:
         raise ConfigError("caption.model is empty: give a captioner id or local path")
     run_dir = Path(run_dir)
-    factory = functools.partial(CaptionStage, config, run_dir, decisions_digest(run_dir))
-    return run_stage(factory, download_shards(run_dir), run_dir / "caption",
-                     runner or config.runner)
+    plan = plan_lineage(run_dir, CAPTION_READS)
+    factory = functools.partial(CaptionStage, config)
+    manifests = run_stage(factory, plan.shards, run_dir / "caption", runner or config.runner,
+                          verify)
+    if (error := plan.not_ready("caption")) is not None:
+        raise error
+    return manifests

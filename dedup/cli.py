@@ -29,9 +29,9 @@ def check(args) -> None:
 def run(args, sections) -> None:
     config: DedupConfig = sections["dedup"]
     if args.run_dir is not None:
-        result = run_dedup_for_run(config, args.run_dir, force=args.force)
+        result = run_dedup_for_run(config, args.run_dir, force=args.force, verify=args.verify)
     else:
-        result = run_dedup(config, args.input, args.out, force=args.force)
+        result = run_dedup(config, args.input, args.out, force=args.force, verify=args.verify)
     m = result.manifest
     verb = "deduplicated" if result.ran else "already done (config and inputs unchanged):"
     print(f"{verb} {m.rows_in} rows -> {m.rows_out} kept; dropped {m.reasons}; "
@@ -46,6 +46,7 @@ COMMAND = StageCommand(
     flags=flags,
     check=check,
     needs="score",
+    verifies=True,
     run_dir_optional=True,  # --input/--out instead
     output_dir=lambda args: args.out or args.run_dir / STAGE,
     run=run,

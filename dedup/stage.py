@@ -2,8 +2,12 @@
 
 Dedup compares every sample with every other, so unlike the per-shard stages it runs once
 over all of the score stage's tables. It writes one output table per input table (uid and
-the `dedup_` columns), the threshold sweep, and a manifest; a rerun whose config and inputs
-match the manifest does nothing. Each method sees only the samples the previous ones kept.
+the `dedup_` columns; in a run, `dedup/k.parquet` for score shard k), the threshold sweep,
+and one manifest `dedup/dedup.manifest.json` whose `outputs` give each table's sha256 (what
+the per-shard stages downstream record). A rerun whose config and inputs match the manifest
+does nothing; in a run the inputs are the checksums the score, download and select manifests
+recorded (dedup/run_inputs.py), so that check re-hashes nothing. Each method sees only the
+samples the previous ones kept.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from dedup.representatives import (
     resolve_labels,
     resolve_pairs,
 )
-from dedup.run_inputs import read_run_sources
+from dedup.run_inputs import RunLineage, read_run_sources, run_lineage
 from dedup.semantic import SemanticDeduplicator, TileRunner, run_tiles_locally
 from dedup.sweep import SWEEP_PLOT, SWEEP_TABLE, SweepPoint, sweep, write_sweep
 from pipeline.core.command import InputError
 from pipeline.core.config import config_hash
-from pipeline.core.manifest import ShardManifest, completed_manifest, shard_outputs
+from pipeline.core.manifest import Inputs, ShardManifest, completed_manifest, shard_outputs
+from pipeline.core.run_lock import run_lock
 
 STAGE = "dedup"
 REASONS = {
@@ -155,35 +160,39 @@ def output_table(inputs: DedupInputs, outcome: DedupOutcome, rows: slice) -> pa.
     )  # fmt: skip
 
 
-def run_dedup_for_run(config: DedupConfig, run_dir: Path, force: bool = False) -> DedupRun:
+def run_dedup_for_run(
+    config: DedupConfig, run_dir: Path, force: bool = False, verify: bool = False
+) -> DedupRun:
     """The curation step: RUN_DIR/score (+ download hashes, select decisions) -> RUN_DIR/dedup."""
     run_dir = Path(run_dir)
-    return run_dedup(config, run_dir / "score", run_dir / STAGE, force, run_dir=run_dir)
+    lineage = run_lineage(run_dir)  # from manifests: which tables, and their checksums
+    with run_lock(run_dir):
+        return _dedup(config, lineage.score_tables, run_dir / STAGE, lineage.inputs, force,
+                      verify, lineage)
 
 
 def run_dedup(
-    config: DedupConfig,
-    input_dir: Path,
-    out_dir: Path,
-    force: bool = False,
-    run_dir: Path | None = None,
+    config: DedupConfig, input_dir: Path, out_dir: Path, force: bool = False, verify: bool = False
 ) -> DedupRun:
-    """Deduplicate every table in `input_dir` into `out_dir`, unless already done.
-
-    With `run_dir`, hashes the tables lack and the select decisions come from that run."""
+    """Deduplicate every table in `input_dir` (any folder of tables) into `out_dir`, unless
+    already done; with no manifests to vouch for them, the tables are hashed."""
     files = list_inputs(input_dir)
     if not files:
         raise InputError(f"no Parquet tables in {input_dir}")
+    return _dedup(config, files, Path(out_dir), files, force, verify)
+
+
+def _dedup(config: DedupConfig, files: list[Path], out_dir: Path, checked: Inputs, force: bool,
+           verify: bool, lineage: RunLineage | None = None) -> DedupRun:
+    """Deduplicate `files` into `out_dir` unless its manifest is current for `checked`;
+    with a run's `lineage`, hashes the tables lack and select's decisions come from the run."""
     fingerprint = config_hash(_decisions_only(config))
-    # Cheap part first: which files decide the outcome (pHashing tars waits until needed).
-    decision_files = read_run_sources(run_dir, _no_hashes(config)).decision_files if run_dir else []
-    checked = files + decision_files
-    done = None if force else completed_manifest(out_dir, STAGE, fingerprint, checked)
+    done = None if force else completed_manifest(out_dir, STAGE, fingerprint, checked, verify)
     if done is not None:
         return DedupRun(done, ran=False)
     manifest = ShardManifest(stage=STAGE, shard=STAGE, config_hash=fingerprint)
     with shard_outputs(Path(out_dir), manifest, checked) as outputs:
-        sources = _run_sources(config, files, run_dir) if run_dir else None
+        sources = _run_sources(config, files, lineage) if lineage else None
         inputs = read_inputs(config, files, sources)
         outcome = deduplicate(config, inputs, _tile_runner(config))
         start = 0
@@ -213,11 +222,7 @@ def _decisions_only(config: DedupConfig) -> DedupConfig:
                    max_task_mb=defaults.max_task_mb, chunk_rows=defaults.chunk_rows)
 
 
-def _no_hashes(config: DedupConfig) -> DedupConfig:
-    return replace(config, exact=False, perceptual=False)
-
-
-def _run_sources(config: DedupConfig, files: list[Path], run_dir: Path):
+def _run_sources(config: DedupConfig, files: list[Path], lineage: RunLineage):
     """Hashes from the run, only for what the score tables lack, only for their uids."""
     names = set.intersection(*(set(pq.read_schema(f).names) for f in files))
     has_sha = config.sha256_column in names or config.image_column in names
@@ -227,7 +232,7 @@ def _run_sources(config: DedupConfig, files: list[Path], run_dir: Path):
     uids = set()
     for f in files:
         uids.update(pq.read_table(f, columns=[config.uid_column]).column(0).to_pylist())
-    return read_run_sources(run_dir, needed, uids)
+    return read_run_sources(lineage, needed, uids)
 
 
 def _tile_runner(config: DedupConfig) -> TileRunner:

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-vae": ("train.autoencoder:main", "train a 16-channel AutoencoderKL on images (diffusers format)"),
     "models": ("model.cli:main", "make the offline tiny model bundle (models make-tiny OUT_DIR)"),
     "download": ("pipeline.download.cli:main", "download URL lists into shards (--retry-failed)"),
+    "ingest": ("pipeline.ingest.cli:main", "ingest local WebDataset tars, image folders or HF datasets as download shards"),
     "score": ("pipeline.score.cli:main", "CLIP embeddings, CLIP/aesthetic/NSFW scores for a run's downloads"),
     "select": ("pipeline.select.cli:main", "choose samples to keep from the scores (presets); deletes nothing"),
     "inspect": ("pipeline.inspect.cli:main", "print a run's funnel, or why a uid was dropped (--uid)"),

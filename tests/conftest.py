@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from s3_server import moto_s3, s3_bucket  # noqa: F401 -- fixtures: moto's S3 server on 127.0.0.1
 
 # Tests are hermetic: never reach for a model hub (these must be set before huggingface_hub
 # is imported, which reads them once), and keep albumentations from checking for updates.
@@ -94,3 +95,17 @@ def image_server(tmp_path_factory: pytest.TempPathFactory):
 
     with LocalImageServer(write_image_site(tmp_path_factory.mktemp("image_site"))) as server:
         yield server
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test gets its own accelerate state. accelerate keeps one per process and refuses an
+    Accelerator with other settings, and "auto" precision differs by CPU (bf16 with
+    AVX512-BF16/AMX): without this, a bf16 trainer test made a later fp32 one fail on such CPUs."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:  # never import accelerate for tests that did not
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -62,7 +62,10 @@ def train(overrides: list[str]) -> None:
 
 def main() -> None:
     dataset, out = sys.argv[1], Path(sys.argv[2])
-    overrides = [f"--data.path={dataset}", "--run.cpu=true"]
+    # fp32 everywhere: the comparison is exact, and the Accelerator built here (no mixed
+    # precision) must agree with the trainer's, which "auto" makes bf16 on CPUs with
+    # AVX512-BF16/AMX (accelerate refuses a second Accelerator with other settings).
+    overrides = [f"--data.path={dataset}", "--run.cpu=true", "--optim.mixed_precision=no"]
     sections = load_train_config(str(TINY), overrides)
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes

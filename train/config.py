@@ -111,7 +111,8 @@ class EmaConfig:
 class CheckpointConfig:
     every: int = 1000
     keep_last: int = 3
-    resume: str = "auto"  # "auto" (latest in output_dir), "none", or a checkpoint directory
+    resume: str = "auto"  # "auto" (latest in dir), "none", or a checkpoint directory or URL
+    dir: str = ""  # where checkpoints go: a local path or an fsspec URL; "" = output_dir/checkpoints
 
 
 @dataclass

@@ -7,31 +7,46 @@ latents normalised with the manifest's VAE factors, one caption variant per samp
 text encoder zeroed independently (encoder dropout) and the SD3 context assembled.
 Random choices come from a generator seeded by (seed, epoch, uid), so they do not depend on
 which worker read the sample and a resumed run makes the same ones without saved RNG state.
+
+Start-up reads only the dataset manifest: the plan takes per-shard sample counts from it, and
+a slot opens a shard's Parquet index (uids and buckets) only when its stream reaches that
+shard, so a slot never reads the indexes of shards other slots read, and the cost of
+starting does not grow with the dataset.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import pyarrow.parquet as pq
 import torch
 import webdataset.tariterators as wds_tar
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.core import storage
 from pipeline.encode.training_shards import (
+    MANIFEST_NAME,
     NULL_PROMPT_NAME,
     DatasetManifest,
     npy_to_tensor,
     text_entry,
 )
 from train.config import DataConfig
-from train.shard_order import PlannedBatch, SampleRef, epoch_units, plan_slot
+from train.shard_order import (
+    PlannedBatch,
+    PlanState,
+    SampleRef,
+    ShardTable,
+    SlotPlan,
+    plan_slot,
+    slot_units,
+)
 
 log = logging.getLogger(__name__)
 ENCODERS = {"clip_l": ("clip_l", "clip_l_pooled"), "clip_g": ("clip_g", "clip_g_pooled"),
@@ -42,10 +57,6 @@ class ShardError(RuntimeError):
     """A shard that cannot be read or disagrees with its index; the message names it."""
 
 
-def join_url(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}"
-
-
 def bucket_key(value: Any) -> str:
     """'HxW' from the index's bucket column, stored either as 'HxW' or as [h, w]."""
     return value if isinstance(value, str) else f"{int(value[0])}x{int(value[1])}"
@@ -53,19 +64,57 @@ def bucket_key(value: Any) -> str:
 
 def read_shard_index(dataset: str, shard_name: str) -> tuple[list[str], list[str]]:
     """(uids, buckets) in tar order from the Parquet index beside the shard."""
-    url = join_url(dataset, shard_name.removesuffix(".tar") + ".parquet")
+    url = storage.join(dataset, shard_name.removesuffix(".tar") + ".parquet")
     try:
-        with fsspec.open(url, "rb") as f:
+        with storage.open_file(url, "rb") as f:
             table = pq.read_table(f, columns=["uid", "bucket"])
     except Exception as e:
         raise ShardError(f"cannot read the index {url} of shard {shard_name}: {e}") from e
     return table.column("uid").to_pylist(), [bucket_key(b) for b in table.column("bucket").to_pylist()]
 
 
+@dataclass
+class ShardIndex:
+    uids: list[str]
+    buckets: list[str]
+
+
+class ShardIndexes:
+    """The indexes of the shards one slot reaches, read on first use, the last few kept.
+
+    The plan asks for a shard's buckets a little before the reader asks for its uids, so a
+    small cache serves both from one read; a shard the cache has dropped is read again.
+    """
+
+    def __init__(self, dataset: str, manifest: DatasetManifest, keep: int = 64):
+        self.dataset, self.manifest, self.keep = dataset, manifest, keep
+        self.cache: OrderedDict[int, ShardIndex] = OrderedDict()
+        self.reads: Counter[int] = Counter()  # shard -> index reads (start-up cost, tested)
+        self.counts = [s.samples for s in manifest.shards]
+
+    def get(self, shard: int) -> ShardIndex:
+        if shard in self.cache:
+            self.cache.move_to_end(shard)
+            return self.cache[shard]
+        info = self.manifest.shards[shard]
+        uids, buckets = read_shard_index(self.dataset, info.name)
+        self.reads[shard] += 1
+        if len(uids) != info.samples:
+            raise ShardError(f"the index of shard {info.name} in {self.dataset} holds {len(uids)} "
+                             f"samples but {MANIFEST_NAME} records {info.samples}")
+        self.cache[shard] = ShardIndex(uids, buckets)
+        if len(self.cache) > self.keep:
+            self.cache.popitem(last=False)
+        return self.cache[shard]
+
+    def table(self) -> ShardTable:
+        return ShardTable(self.counts, lambda shard: self.get(shard).buckets)
+
+
 def iterate_tar(url: str) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard: {'__key__': uid, entry name: bytes}. Errors name the shard."""
     try:
-        with fsspec.open(url, "rb") as f:
+        with storage.open_file(url, "rb") as f:
             files = ({**entry, "__url__": url} for entry in wds_tar.tar_file_iterator(f))
             yield from wds_tar.group_by_keys(files)
     except Exception as e:
@@ -138,21 +187,20 @@ class SlotReader:
 
     dataset: str
     manifest: DatasetManifest
-    uids: list[list[str]]
-    buckets: list[list[str]]
+    indexes: ShardIndexes
     decoder: SampleDecoder
     config: DataConfig
     slot: int
     num_slots: int
     start: int = 0
+    plan_state: PlanState | None = None  # the plan at batch `start`, from a checkpoint
     bad_shards: set[str] = field(default_factory=set)
     missing: int = 0
 
     def batches(self) -> Iterator[dict[str, Any]]:
-        plan = plan_slot(self.buckets, self.num_slots, self.slot, self.config.seed,
-                         self.config.batch_size, self.start)
-        start_ref = plan.resume_from or plan.cut
-        stream = self._stream(start_ref, plan.cut, plan.needed_before)
+        plan = plan_slot(self.indexes.table(), self.num_slots, self.slot, self.config.seed,
+                         self.config.batch_size, self.start, self.plan_state)
+        stream = self._stream(plan)
         held: dict[SampleRef, dict[str, bytes] | None] = {}
         for planned in plan.batches:
             samples = []
@@ -167,26 +215,32 @@ class SlotReader:
             if batch is not None:
                 yield batch
 
-    def _stream(self, start: SampleRef | None, cut: SampleRef | None, needed: frozenset):
-        """(ref, raw entries or None when unreadable) of every needed item, in stream order."""
-        epoch, unit_index = (start.epoch, start.unit) if start else (0, 0)
-        while True:
-            units = epoch_units(len(self.uids), self.num_slots, self.slot, self.config.seed, epoch)
-            for index in range(unit_index, len(units)):
-                unit = units[index]
-                refs = [SampleRef(epoch, index, unit.shard, p)
-                        for p in range(unit.part, len(self.uids[unit.shard]), unit.parts)]
-                wanted = {r for r in refs if cut is None or r > cut or r in needed}
-                if wanted:
-                    yield from self._read_unit(unit.shard, unit.parts, refs, wanted)
-            epoch, unit_index = epoch + 1, 0
+    def _stream(self, plan: SlotPlan) -> Iterator[tuple[SampleRef, dict[str, bytes] | None]]:
+        """(ref, raw entries or None when unreadable) of every needed item, in stream order:
+        first what coming batches hold from before the cut, then everything after it."""
+        by_unit: dict[tuple[int, int], list[SampleRef]] = {}
+        for ref in sorted(plan.needed_before):
+            by_unit.setdefault((ref.epoch, ref.unit), []).append(ref)
+        cut_unit = (plan.cut.epoch, plan.cut.unit) if plan.cut else None
+        tail = by_unit.pop(cut_unit, [])  # read with the rest of its unit: one pass per tar
+        for refs in by_unit.values():
+            yield from self._read_unit(refs[0].shard, refs)
+        for epoch, index, unit, positions in slot_units(self.indexes.counts, self.num_slots, self.slot,
+                                                        self.config.seed, plan.cut):
+            refs = [SampleRef(epoch, index, unit.shard, p) for p in positions]
+            if (epoch, index) == cut_unit:
+                refs, tail = tail + refs, []
+            if tail:
+                yield from self._read_unit(tail[0].shard, tail)
+                tail = []
+            yield from self._read_unit(unit.shard, refs)
 
-    def _read_unit(self, shard: int, parts: int, refs: list[SampleRef], wanted: set):
+    def _read_unit(self, shard: int, refs: list[SampleRef]):
         name = self.manifest.shards[shard].name
-        by_position = {r.position: r for r in refs if r in wanted}
+        by_position = {r.position: r for r in refs}
         if name not in self.bad_shards:
             try:
-                yield from self._read_positions(shard, name, by_position, parts)
+                yield from self._read_positions(shard, name, by_position)
             except ShardError as e:
                 if self.config.on_corrupt == "error":
                     raise
@@ -196,10 +250,10 @@ class SlotReader:
             self.missing += 1
             yield by_position.pop(position), None
 
-    def _read_positions(self, shard: int, name: str, by_position: dict, parts: int):
-        uids = self.uids[shard]
+    def _read_positions(self, shard: int, name: str, by_position: dict):
+        uids = self.indexes.get(shard).uids
         last = max(by_position)
-        for position, raw in enumerate(iterate_tar(join_url(self.dataset, name))):
+        for position, raw in enumerate(iterate_tar(storage.join(self.dataset, name))):
             if position < len(uids) and raw["__key__"] != uids[position]:
                 raise ShardError(f"shard {name}: sample {position} is {raw['__key__']!r} in the "
                                  f"tar but {uids[position]!r} in its index")
@@ -230,7 +284,7 @@ class SlotReader:
         batch = {name: torch.stack([d[name] for d in decoded]) for name in decoded[0]}
         return {**batch, "keys": keys, "bucket": planned.bucket, "slot": self.slot,
                 "batch_index": planned.index, "bad_shards": sorted(self.bad_shards),
-                "missing": self.missing}
+                "missing": self.missing, "plan": planned.state.to_json()}
 
 
 class ShardBatches(IterableDataset):
@@ -243,17 +297,16 @@ class ShardBatches(IterableDataset):
         self.workers = max(1, config.num_workers)
         self.num_slots = world_size * self.workers
         self.position = check_position(position, self.num_slots)
-        indices = [read_shard_index(config.path, s.name) for s in self.manifest.shards]
-        self.uids = [uids for uids, _ in indices]
-        self.buckets = [buckets for _, buckets in indices]
         self.null_prompt = load_null_prompt(config.path) if config.dropout_fill == "null_prompt" else None
 
     def reader(self, worker: int) -> SlotReader:
         slot = self.rank * self.workers + (worker + self._rotation()) % self.workers
         saved = self.position["slots"].get(str(slot), {})
         decoder = SampleDecoder(self.manifest, self.config, self.null_prompt)
-        return SlotReader(self.config.path, self.manifest, self.uids, self.buckets, decoder,
-                          self.config, slot, self.num_slots, start=saved.get("batches", 0),
+        state = PlanState.from_json(saved["plan"]) if saved.get("plan") else None
+        indexes = ShardIndexes(self.config.path, self.manifest)
+        return SlotReader(self.config.path, self.manifest, indexes, decoder, self.config, slot,
+                          self.num_slots, start=saved.get("batches", 0), plan_state=state,
                           bad_shards=set(saved.get("bad_shards", [])),
                           missing=saved.get("missing", 0))
 
@@ -270,8 +323,7 @@ class ShardBatches(IterableDataset):
 
 
 def load_null_prompt(dataset: str) -> dict[str, torch.Tensor]:
-    with fsspec.open(join_url(dataset, NULL_PROMPT_NAME), "rb") as f:
-        return load_safetensors(f.read())
+    return load_safetensors(storage.read_bytes(storage.join(dataset, NULL_PROMPT_NAME)))
 
 
 def check_position(position: dict[str, Any] | None, num_slots: int) -> dict[str, Any]:
@@ -288,7 +340,8 @@ def check_position(position: dict[str, Any] | None, num_slots: int) -> dict[str,
 
 @dataclass
 class DataPosition:
-    """What a rank consumed: per slot, batches taken and shards found corrupt."""
+    """What a rank consumed: per slot, batches taken, shards found corrupt and the plan's
+    state after the last batch taken (so that resume reads no index it does not need)."""
 
     num_slots: int
     slots: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -298,6 +351,7 @@ class DataPosition:
             "batches": int(batch["batch_index"]) + 1,
             "bad_shards": list(batch["bad_shards"]),
             "missing": int(batch["missing"]),
+            "plan": batch["plan"],
         }
 
     def state_dict(self) -> dict[str, Any]:

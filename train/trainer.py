@@ -55,6 +55,8 @@ class Trainer:
         optim, precision_note = resolve_mixed_precision(sections["optim"], training_device(run))
         self.cfg = {**sections, "optim": optim}  # the resolved precision is what gets saved
         self.out_dir = Path(run.output_dir)
+        # a local path or an fsspec URL; a Path keeps local checkpoint paths Paths
+        self.checkpoint_root = sections["checkpoint"].dir or self.out_dir / "checkpoints"
         self.accelerator = Accelerator(cpu=run.cpu, mixed_precision=optim.mixed_precision)
         if self.accelerator.is_main_process:
             log.info(precision_note)
@@ -98,7 +100,7 @@ class Trainer:
                     if self.cfg["ema"].enabled else None)
 
     def _maybe_resume(self) -> None:
-        path = ckpt.find_resume(self.out_dir / "checkpoints", self.cfg["checkpoint"].resume)
+        path = ckpt.find_resume(self.checkpoint_root, self.cfg["checkpoint"].resume)
         if path is None:
             return
         state = ckpt.load_checkpoint(path, self.rank)
@@ -188,29 +190,25 @@ class Trainer:
         return float(per_sample * batch["latent"].shape[0])
 
     def save_checkpoint(self) -> None:
-        acc, root = self.accelerator, self.out_dir / "checkpoints"
-        staging = ckpt.staging_dir(root, self.step)
+        acc, root = self.accelerator, self.checkpoint_root
+        target = ckpt.checkpoint_path(root, self.step)
         if acc.is_main_process:
-            if staging.exists():
-                import shutil
-
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True)
+            ckpt.begin(target)
         acc.wait_for_everyone()
-        ckpt.write_rank(staging, self.rank, ckpt.rng_state(self.noise_generator),
+        ckpt.write_rank(target, self.rank, ckpt.rng_state(self.noise_generator),
                         self.position.state_dict())
         # gathering full tensors is collective under FSDP: every rank takes part
         model_state = self.strategy.model_state(self.raw_model)
         optimizer_state = self.strategy.optimizer_state(self.raw_model, self.optimizer)
         ema_state = self.strategy.full_tensors(self.ema.state_dict()) if self.ema else None
         if acc.is_main_process:
+            ckpt.write_shared(target, model_state, ema_state, self.model_config.to_dict(),
+                              optimizer_state, self.scheduler.state_dict())
+        acc.wait_for_everyone()  # every rank's files are published: now the marker
+        if acc.is_main_process:
             trainer_state = {"step": self.step, "nan_skips": self.nan_skips,
                              "config_hash": config_hash(self.cfg), "world_size": self.world}
-            ckpt.write_shared(staging, model_state, ema_state, self.model_config.to_dict(),
-                              optimizer_state, self.scheduler.state_dict(), trainer_state)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            ckpt.publish(root, staging, self.step, self.cfg["checkpoint"].keep_last)
+            ckpt.finish(root, self.step, trainer_state, self.cfg["checkpoint"].keep_last)
         acc.wait_for_everyone()
 
     def _periodic(self) -> None:

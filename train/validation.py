@@ -20,6 +20,7 @@ from PIL import Image
 
 from model.flow import RectifiedFlow
 from model.sampling import sample_euler
+from pipeline.core import storage
 from pipeline.core.decode import decode_for_model
 from pipeline.encode.training_shards import DatasetManifest
 from train.config import DataConfig, ModelConfig, ValidationConfig
@@ -27,7 +28,6 @@ from train.data import (
     SampleDecoder,
     assemble_context,
     iterate_tar,
-    join_url,
     load_null_prompt,
 )
 from train.model_setup import check_dataset
@@ -49,7 +49,7 @@ def load_validation_samples(config: ValidationConfig, manifest: DatasetManifest)
     decoder = SampleDecoder(manifest, plain)
     samples = []
     for shard in manifest.shards:
-        for raw in iterate_tar(join_url(config.path, shard.name)):
+        for raw in iterate_tar(storage.join(config.path, shard.name)):
             samples.append({"uid": raw["__key__"], **decoder.decode(raw, 0, raw["__key__"])})
             if len(samples) >= config.max_samples:
                 return samples

@@ -8,9 +8,13 @@ helper keeps the conventions in one place:
   tables of a run preset, but an unknown key in its own section, or a table no stage knows,
   is still an error; `--section.key=value` overrides win over the file;
 - the resolved config is written to the stage's output folder before the stage runs;
-- a user's mistake (`ConfigError`, `InputError`, or a stage's own declared error) is printed to
-  stderr as `rectiflow <stage>: <message>` with exit code 2; anything else is a bug and
-  raises with its traceback.
+- a command that writes (one with a config) holds the run directory's lock while it runs
+  (pipeline/core/run_lock.py): a second run on the same directory is refused;
+- `--verify` (commands with `verifies`): shards count as done only if their outputs still
+  hash to the recorded sha256, not just have the recorded sizes;
+- a user's mistake (`ConfigError`, `InputError`, a held run lock, or a stage's own declared
+  error) is printed to stderr as `rectiflow <stage>: <message>` with exit code 2; anything
+  else is a bug and raises with its traceback.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import ConfigError, load_config, split_overrides, write_resolved_config
 from pipeline.core.manifest import manifest_shards
+from pipeline.core.run_lock import RunLocked, run_lock
+from pipeline.core.storage import StorageError
 
 # The tables of a whole-run preset (ray_jobs/curate.py's SCHEMA; a test keeps them equal). A
 # stage command skips the ones it does not read; any other table is a typo and fails.
@@ -55,6 +62,7 @@ class StageCommand:
     run_dir_exists: bool = True  # RUN_DIR, when given, must already exist (an input)
     output_dir: Callable[[argparse.Namespace], Path] | None = None  # default RUN_DIR/<name>
     user_errors: tuple[type[Exception], ...] = ()  # the stage's own "user's mistake" errors
+    verifies: bool = False  # takes --verify (its run passes args.verify on to the stage)
 
     @property
     def prog(self) -> str:
@@ -64,10 +72,11 @@ class StageCommand:
         try:
             args, sections = self.parse(argv)
             self._check_inputs(args)
-            if self.schema is not None:
-                write_resolved_config(self._output_dir(args), sections)
-            return int(self.run(args, sections) or 0)
-        except (ConfigError, InputError, *self.user_errors) as e:
+            with self._lock(args):
+                if self.schema is not None:
+                    write_resolved_config(self._output_dir(args), sections)
+                return int(self.run(args, sections) or 0)
+        except (ConfigError, InputError, StorageError, RunLocked, *self.user_errors) as e:
             print(f"{self.prog}: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
 
@@ -101,6 +110,12 @@ class StageCommand:
                 "--config", type=Path,
                 help=f"TOML with {tables}, or a whole-run preset (only those tables are read)",
             )  # fmt: skip
+        if self.verifies:
+            parser.add_argument(
+                "--verify", action="store_true",
+                help="re-hash the outputs of done shards against their recorded sha256 "
+                     "(default: a done shard's outputs need only exist with the recorded sizes)",
+            )  # fmt: skip
         if self.flags is not None:
             self.flags(parser)
         return parser
@@ -121,6 +136,12 @@ class StageCommand:
             raise InputError(f"run directory {run_dir} {problem}")
         if self.needs is not None:
             require_shards(run_dir, self.needs)
+
+    def _lock(self, args: argparse.Namespace) -> AbstractContextManager:
+        """The run directory's lock for a command that writes (the folder above its output)."""
+        if self.schema is None:
+            return nullcontext()  # reads only (inspect): never refused, never refuses
+        return run_lock(self._output_dir(args).parent)
 
     def _output_dir(self, args: argparse.Namespace) -> Path:
         return self.output_dir(args) if self.output_dir else args.run_dir / self.name

@@ -1,9 +1,12 @@
 """Shard manifests and atomic shard outputs: what makes reruns resume and crashes harmless.
 
 A shard's outputs are written under temporary names and renamed into place only when all
-of them are complete; the manifest (rows in and out, reasons, checksums, config hash, model
-ids) is written last. A shard counts as done only when its manifest exists, matches the
-current config and inputs, and its outputs still carry the recorded checksums.
+of them are complete; the manifest (rows in and out, reasons, input and output checksums,
+output sizes, config hash, model ids) is written last. A shard counts as done when its
+manifest exists, names the current config hash and input checksums, and its outputs exist
+with the recorded sizes; `verify=True` also re-hashes the outputs against the recorded
+sha256. Input checksums are the ones the upstream manifests recorded (pipeline/core/
+lineage.py), so deciding what is done reads manifests and stats files, never their bytes.
 """
 
 from __future__ import annotations
@@ -13,12 +16,19 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+from pipeline.core.run_lock import run_lock
 
 MANIFEST_SUFFIX = ".manifest.json"
+
+# What a shard read: "stage/file" -> sha256 recorded upstream (pipeline/core/lineage.py), or
+# files without a manifest of their own (a stage's raw inputs), hashed when given as paths.
+Inputs = Mapping[str, str] | Sequence[Path]
 
 
 @dataclass
@@ -26,17 +36,21 @@ class ShardManifest:
     stage: str
     shard: str
     config_hash: str
-    inputs: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    inputs: dict[str, str] = field(default_factory=dict)  # input name -> sha256
     outputs: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    sizes: dict[str, int] = field(default_factory=dict)  # file name -> bytes
     rows_in: int = 0
     rows_out: int = 0
     reasons: dict[str, int] = field(default_factory=dict)  # drop reason -> count
     seconds: float = 0.0
     models: dict[str, str] = field(default_factory=dict)  # role -> "id@revision"
+    # Stage-specific facts a driver merges without reading the shard's tables (e.g. select's
+    # per-rule tallies); JSON values only.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, path: Path) -> ShardManifest:
-        return cls(**json.loads(path.read_text()))
+        return cls(**json.loads(Path(path).read_text()))
 
 
 def manifest_path(stage_dir: Path, shard: str) -> Path:
@@ -51,28 +65,52 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def checksums(paths: list[Path]) -> dict[str, str]:
+def checksums(paths: Sequence[Path]) -> dict[str, str]:
     return {Path(p).name: sha256_file(Path(p)) for p in paths}
 
 
+def input_checksums(inputs: Inputs) -> dict[str, str]:
+    """Recorded checksums as given; a list of paths (files no manifest vouches for) is hashed."""
+    return dict(inputs) if isinstance(inputs, Mapping) else checksums(inputs)
+
+
+def read_manifest(stage_dir: Path, shard: str) -> ShardManifest | None:
+    """The shard's manifest, or None when it is missing or unreadable (the shard is redone)."""
+    path = manifest_path(stage_dir, shard)
+    try:
+        return ShardManifest.read(path)
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
+
+
 def completed_manifest(
-    stage_dir: Path, shard: str, config_hash: str, inputs: list[Path]
+    stage_dir: Path, shard: str, config_hash: str, inputs: Inputs, verify: bool = False
 ) -> ShardManifest | None:
     """The shard's manifest if the shard is complete and current, else None (redo it)."""
-    path = manifest_path(stage_dir, shard)
-    if not path.exists():
+    manifest = read_manifest(stage_dir, shard)
+    if manifest is None or manifest.config_hash != config_hash:
         return None
-    try:
-        manifest = ShardManifest.read(path)
-    except (json.JSONDecodeError, TypeError):
+    if manifest.inputs != input_checksums(inputs):
         return None
-    if manifest.config_hash != config_hash or manifest.inputs != checksums(inputs):
-        return None
+    return manifest if outputs_intact(stage_dir, manifest, verify) else None
+
+
+def outputs_intact(stage_dir: Path, manifest: ShardManifest, verify: bool = False) -> bool:
+    """Every output exists with its recorded size (and, with `verify`, its recorded sha256).
+
+    A manifest from before sizes were recorded is checked by sha256, as it was written to be.
+    """
     for name, digest in manifest.outputs.items():
         out = Path(stage_dir) / name
-        if not out.exists() or sha256_file(out) != digest:
-            return None
-    return manifest
+        size = manifest.sizes.get(name)
+        try:
+            if size is not None and out.stat().st_size != size:
+                return False
+        except FileNotFoundError:
+            return False
+        if (verify or size is None) and sha256_file(out) != digest:
+            return False
+    return True
 
 
 class ShardOutputs:
@@ -101,11 +139,12 @@ class ShardOutputs:
 
 @contextmanager
 def shard_outputs(
-    stage_dir: Path, manifest: ShardManifest, inputs: list[Path]
+    stage_dir: Path, manifest: ShardManifest, inputs: Inputs
 ) -> Iterator[ShardOutputs]:
     """Write a shard's outputs atomically, then its manifest; on error leave nothing behind.
 
-    The caller fills `manifest` (rows, reasons, models) inside the block.
+    The caller fills `manifest` (rows, reasons, models) inside the block. `inputs` are
+    recorded as given (see `Inputs`); outputs are hashed once, here, as they are published.
     """
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -119,8 +158,10 @@ def shard_outputs(
         outputs.discard()
         raise
     finals = outputs.commit()
-    manifest.inputs = checksums(inputs)
-    manifest.outputs = {str(p.relative_to(stage_dir)): sha256_file(p) for p in finals}
+    manifest.inputs = input_checksums(inputs)
+    names = {p: str(p.relative_to(stage_dir)) for p in finals}
+    manifest.outputs = {name: sha256_file(p) for p, name in names.items()}
+    manifest.sizes = {name: p.stat().st_size for p, name in names.items()}
     manifest.seconds = round(time.perf_counter() - start, 3)
     write_json_atomic(manifest_path(stage_dir, manifest.shard), asdict(manifest))
 
@@ -132,10 +173,19 @@ def write_json_atomic(path: Path, data: object) -> None:
 
 
 def remove_stale_temporaries(stage_dir: Path) -> list[Path]:
-    """Delete half-written outputs of a killed run (call before a run, not during one)."""
-    stale = sorted(Path(stage_dir).rglob(".*.tmp-*")) if Path(stage_dir).is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
+    """Delete half-written outputs of a killed run, holding the run directory's lock.
+
+    The lock (pipeline/core/run_lock.py; re-entrant in one process) is what makes this safe:
+    a run still writing these temporaries holds it, so a second run is refused here instead
+    of deleting them.
+    """
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir():
+        return []
+    with run_lock(stage_dir.parent):
+        stale = sorted(stage_dir.rglob(".*.tmp-*"))
+        for path in stale:
+            path.unlink(missing_ok=True)
     return stale
 
 

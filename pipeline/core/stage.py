@@ -6,6 +6,10 @@ stage's prefix, and says why a row is dropped with `<prefix>_reason`. The framew
 each shard atomically with its manifest, skips shards that are already done, and keeps the
 bookkeeping (rows in and out, reason histogram, seconds, model ids). Runners
 (`pipeline/core/runners.py`) decide where shards run: in-process for tests, Ray for clusters.
+
+Which shards are done is decided from manifests alone, before `setup` loads any model: so
+`fingerprint()` must not need `setup`, and `__init__` must stay cheap (the driver builds one
+stage just to ask it).
 """
 
 from __future__ import annotations
@@ -20,18 +24,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.config import config_hash
-from pipeline.core.manifest import ShardManifest, ShardOutputs, completed_manifest, shard_outputs
+from pipeline.core.manifest import (
+    Inputs,
+    ShardManifest,
+    ShardOutputs,
+    completed_manifest,
+    shard_outputs,
+)
 
 
 @dataclass
 class ShardSpec:
-    """One unit of work: a shard id and the input files it reads."""
+    """One unit of work: a shard id, the input files it reads (by role) and their checksums.
+
+    `checksums` ("download/00000.parquet" -> sha256) are the ones the upstream manifests
+    recorded (pipeline/core/lineage.py); without them the input files are hashed.
+    """
 
     shard: str
     inputs: dict[str, Path] = field(default_factory=dict)
+    checksums: dict[str, str] = field(default_factory=dict)
 
     def input_paths(self) -> list[Path]:
         return [Path(p) for _, p in sorted(self.inputs.items())]
+
+    def recorded_inputs(self) -> Inputs:
+        """What the shard's manifest records as its inputs, and a rerun compares."""
+        return self.checksums or self.input_paths()
 
 
 class Stage:
@@ -48,14 +67,15 @@ class Stage:
         return f"{self.name}_reason"
 
     def setup(self) -> None:
-        """Load models once per worker (called before the first shard)."""
+        """Load models once per worker (called before the first shard that is not done)."""
 
     def models(self) -> dict[str, str]:
         """Model ids and revisions to record in the manifest, by role."""
         return {}
 
     def fingerprint(self) -> str:
-        """What decides whether an existing shard output is still current."""
+        """The stage's part of what decides whether a shard is current (its inputs' recorded
+        checksums are the other part); computed on the driver, without `setup`."""
         return config_hash(self.config)
 
     def read_batches(self, shard: ShardSpec) -> Iterator[pa.Table]:
@@ -78,18 +98,31 @@ class Stage:
         return None
 
 
-def run_shard(stage: Stage, shard: ShardSpec, stage_dir: Path) -> tuple[ShardManifest, bool]:
+def shard_done(
+    shard: ShardSpec, stage_dir: Path, fingerprint: str, verify: bool = False
+) -> ShardManifest | None:
+    """The shard's manifest if it is done for this fingerprint and these inputs, else None."""
+    return completed_manifest(stage_dir, shard.shard, fingerprint, shard.recorded_inputs(), verify)
+
+
+def run_shard(
+    stage: Stage, shard: ShardSpec, stage_dir: Path, verify: bool = False
+) -> tuple[ShardManifest, bool]:
     """Run one shard unless it is already done; return its manifest and whether it ran."""
-    stage_dir = Path(stage_dir)
-    inputs = shard.input_paths()
     fingerprint = stage.fingerprint()
-    done = completed_manifest(stage_dir, shard.shard, fingerprint, inputs)
+    done = shard_done(shard, stage_dir, fingerprint, verify)
     if done is not None:
         return done, False
+    return write_shard(stage, shard, stage_dir, fingerprint), True
+
+
+def write_shard(stage: Stage, shard: ShardSpec, stage_dir: Path, fingerprint: str) -> ShardManifest:
+    """Run one shard (set up stage, not checked for being done) and publish it atomically."""
+    stage_dir = Path(stage_dir)
     manifest = ShardManifest(stage=stage.name, shard=shard.shard, config_hash=fingerprint)
     manifest.models = stage.models()
     reasons: Counter[str] = Counter()
-    with shard_outputs(stage_dir, manifest, inputs) as outputs:
+    with shard_outputs(stage_dir, manifest, shard.recorded_inputs()) as outputs:
         writer = None
         out_path = outputs.path(f"{shard.shard}.parquet")
         stage.begin_shard(shard, outputs)
@@ -110,7 +143,7 @@ def run_shard(stage: Stage, shard: ShardSpec, stage_dir: Path) -> tuple[ShardMan
             stage.end_shard()
         manifest.reasons = dict(reasons)
         manifest.rows_out = manifest.rows_in - sum(reasons.values())
-    return manifest, True
+    return manifest
 
 
 def reject(reasons: list[str | None], index: int, reason: str) -> None:

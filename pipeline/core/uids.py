@@ -26,3 +26,15 @@ def uid_for(url: str, caption: str | None, given_id: object = None) -> str:
 
 def is_valid_uid(uid: str) -> bool:
     return bool(_VALID_KEY.match(uid))
+
+
+# The uid -> shard index (`download/_uid_index/BB.parquet`, columns uid and shard) is split by
+# this bucket, so one lookup reads 1/256 of the run's uids, and duplicate uids across input
+# parts meet in one bucket.
+UID_INDEX_DIR = "_uid_index"
+UID_INDEX_BUCKETS = 256
+
+
+def uid_bucket(uid: str, buckets: int = UID_INDEX_BUCKETS) -> int:
+    """The index bucket of a uid: stable across runs, machines and Python versions."""
+    return int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=8).digest(), "big") % buckets

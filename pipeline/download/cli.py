@@ -1,6 +1,7 @@
 """`rectiflow download RUN_DIR --urls LIST`: URL list -> RUN_DIR/download shards.
 
     rectiflow download runs/r1 --urls urls.parquet [--config configs/x.toml]
+    rectiflow download runs/r1 --urls 's3://bucket/laion/part-*.parquet'   # or a folder, or A B C
                        [--download.thread_count=128 --runner.backend=ray ...]
     rectiflow download runs/r1 --retry-failed [--rounds 3]
 
@@ -17,13 +18,16 @@ from pathlib import Path
 from pipeline.core.command import InputError, StageCommand, require_shards
 from pipeline.core.manifest import ShardManifest
 from pipeline.core.runners import RunnerConfig
+from pipeline.core.storage import list_files
 from pipeline.download.retry import retry_failed
 from pipeline.download.stage import STAGE, DownloadConfig, ShardsFailed, run_download
 
 
 def flags(parser) -> None:
     parser.add_argument("--out", type=Path, help="same as RUN_DIR (the older spelling)")
-    parser.add_argument("--urls", type=Path, help="URL list: .parquet, .csv or .jsonl")
+    parser.add_argument("--urls", nargs="+", metavar="LIST",
+                        help="URL list: .parquet, .csv or .jsonl files, globs or folders of "
+                        "parts, local or s3:// / gs:// URLs")
     parser.add_argument("--retry-failed", action="store_true",
                         help="re-fetch only retryable failures of an existing run")
     parser.add_argument("--rounds", type=int, default=1, help="retry rounds (--retry-failed)")
@@ -37,8 +41,8 @@ def check(args) -> None:
         require_shards(args.run_dir, STAGE)
     elif args.urls is None:
         raise InputError("--urls is required (or use --retry-failed on an existing run)")
-    elif not args.urls.is_file():
-        raise InputError(f"URL list {args.urls} does not exist")
+    else:
+        args.urls = list_files(args.urls)  # every part, checked here: a clear error names it
     if args.rounds < 1:
         raise InputError(f"--rounds {args.rounds} must be at least 1")
 

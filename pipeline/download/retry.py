@@ -8,7 +8,6 @@ and every other row and its bytes are carried over unchanged.
 
 from __future__ import annotations
 
-import sys
 import tarfile
 import threading
 import time
@@ -24,6 +23,7 @@ from pipeline.download.stage import (
     STAGE,
     DownloadConfig,
     SampleResult,
+    ShardWorker,
     distribute,
     download_shard,
     fetch_sample,
@@ -51,22 +51,17 @@ def _has_retryable(stage_dir: Path, shard: str) -> bool:
 
 
 @dataclass
-class RetryShardDownloader:
-    """Shard worker for img2dataset's distributors that redoes only the retryable rows."""
+class RetryShardDownloader(ShardWorker):
+    """Shard worker that redoes only the retryable rows (distributed like the first pass)."""
 
     config: DownloadConfig
     stage_dir: str
 
-    def __call__(self, task: tuple[str, str]) -> tuple[bool, tuple[str, str]]:
-        shard, input_path = task
+    def run(self, shard: str, input_path: Path) -> None:
         previous = PreviousShard(Path(self.stage_dir), shard)
         try:
-            fetcher = previous.fetcher(self.config)
-            download_shard(self.config, Path(self.stage_dir), shard, Path(input_path), fetcher)
-            return True, task
-        except Exception as e:  # noqa: BLE001 -- reported like the first pass
-            print(f"retry of download shard {shard} failed: {e}", file=sys.stderr)
-            return False, task
+            download_shard(self.config, Path(self.stage_dir), shard, input_path,
+                           previous.fetcher(self.config))
         finally:
             previous.close()
 

@@ -9,7 +9,7 @@ from pipeline.encode.stage import EncodeConfig, run_encode
 
 
 def run(args, sections) -> None:
-    manifest = run_encode(sections["encode"], args.run_dir)
+    manifest = run_encode(sections["encode"], args.run_dir, verify=args.verify)
     print(json.dumps({"counts": manifest.counts, "shards": len(manifest.shards)}, indent=1))
 
 
@@ -20,6 +20,7 @@ COMMAND = StageCommand(
     "--encode.model=SD3_DIR --encode.bucket.resolution=1024 --encode.runner.backend=ray.",
     schema={"encode": EncodeConfig},
     needs="download",
+    verifies=True,
     run=run,
 )
 main = COMMAND.main

@@ -1,7 +1,8 @@
 """The encode stage: kept samples -> precomputed SD3 training shards.
 
-For each kept sample (pipeline/core/kept.py; with captions, those whose synthetic caption was
-accepted): decode once at about the bucket size, resize and centre-crop into its aspect
+For each sample that shard k keeps (pipeline/core/lineage.py: download k, score k, select k,
+dedup k and caption k, those of them that ran; with captions, those whose synthetic caption
+was accepted): decode once at about the bucket size, resize and centre-crop into its aspect
 bucket, encode with the VAE, and encode each caption variant with CLIP-L, CLIP-G and T5.
 
 Latents: the VAE's latent distribution is stored as its mean and std (documented choice), so
@@ -13,13 +14,16 @@ computed by model/text_encoding.py, which equals StableDiffusion3Pipeline.encode
 
 Outputs (RUN_DIR/encode/): shards/NNNNN.tar + shards/NNNNN.parquet (training shards),
 NNNNN.parquet (every input row with `encode_reason`, for the funnel), the shard manifests,
-null_prompt.safetensors and, once all shards are done, dataset.json.
+null_prompt.safetensors and encoders.json (written by `setup`, with dataset_files.json naming
+the fingerprint they were made for) and, once all shards are done, dataset.json. A rerun with
+every shard done loads no model: it only rebuilds dataset.json, unless the dataset-level
+files are missing or were made for another fingerprint.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
+import json
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,14 +41,8 @@ from pipeline.core.command import InputError
 from pipeline.core.config import ConfigError, config_hash
 from pipeline.core.decode import ImageRejected
 from pipeline.core.devices import resolve_device, resolve_dtype
-from pipeline.core.kept import (
-    decisions_digest,
-    decode_ahead,
-    download_shards,
-    iter_kept_rows,
-    kept_uids,
-)
-from pipeline.core.manifest import ShardOutputs, sha256_file
+from pipeline.core.lineage import decode_ahead, iter_kept_rows, plan_lineage, recorded_outputs
+from pipeline.core.manifest import ShardOutputs, write_json_atomic
 from pipeline.core.runners import RunnerConfig, run_stage
 from pipeline.core.stage import ShardSpec, Stage
 from pipeline.encode.buckets import (
@@ -55,8 +53,9 @@ from pipeline.encode.buckets import (
     make_buckets,
     to_vae_input,
 )
-from pipeline.encode.training_shards import DatasetManifest, EncoderInfo, VaeInfo
+from pipeline.encode.training_shards import NULL_PROMPT_NAME, DatasetManifest, EncoderInfo, VaeInfo
 from pipeline.encode.writer import (
+    ENCODERS_NAME,
     EncodedSample,
     TrainingShardWriter,
     write_dataset_manifest,
@@ -71,6 +70,8 @@ ENCODE_SCHEMA = pa.schema([
     ("encode_reason", pa.string()),
 ])
 SCORE_COLUMNS = ["uid", "score_clip", "score_aesthetic"]
+ENCODE_READS = ("score", "select", "dedup", "caption")  # besides download k, when they ran
+DATASET_FILES = "dataset_files.json"  # the fingerprint null_prompt and encoders.json are for
 
 
 @dataclass
@@ -105,13 +106,11 @@ class EncodeConfig:
 class EncodeStage(Stage):
     name = "encode"
 
-    def __init__(self, config: EncodeConfig, run_dir: str | Path, variants: list[str],
-                 inputs_digest: str = ""):
+    def __init__(self, config: EncodeConfig, out_dir: str | Path, variants: list[str]):
         super().__init__(config)
         self.batch_size = config.batch_size
-        self.run_dir, self.variants, self.inputs_digest = Path(run_dir), variants, inputs_digest
+        self.out_dir, self.variants = Path(out_dir), variants
         self.buckets = make_buckets(config.bucket)
-        self.kept: set[str] | pa.Array = set()
         self.writer: TrainingShardWriter | None = None
         self._decoded: deque[list] = deque()
         self._pool: ThreadPoolExecutor | None = None
@@ -122,12 +121,11 @@ class EncodeStage(Stage):
         self.dtype = resolve_dtype(cfg.compute_dtype, self.device)
         self.vae = load_vae(cfg.model, cfg.revision, self.dtype).to(self.device)
         self.text_encoders = load_text_encoders(cfg.model, cfg.revision, self.dtype).to(self.device)
-        self.kept = pa.array(sorted(kept_uids(self.run_dir)), pa.string())
-        out_dir = self.run_dir / self.name
-        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         null = self.encode_texts([""])[0]
-        write_null_prompt(out_dir, null, cfg.text_dtype)
-        write_encoders(out_dir, *self.encoder_info(null))
+        write_null_prompt(self.out_dir, null, cfg.text_dtype)
+        write_encoders(self.out_dir, *self.encoder_info(null))
+        write_json_atomic(self.out_dir / DATASET_FILES, {"fingerprint": self.fingerprint()})
 
     def encoder_info(self, null: dict[str, torch.Tensor]) -> tuple[VaeInfo, dict[str, EncoderInfo]]:
         cfg, vae = self.config, self.vae.config
@@ -148,7 +146,7 @@ class EncodeStage(Stage):
 
     def fingerprint(self) -> str:
         what = replace(self.config, runner=RunnerConfig(), device="auto", decode_threads=1)
-        return f"{config_hash(what)}-{'+'.join(self.variants)}-{self.inputs_digest}"
+        return f"{config_hash(what)}-{'+'.join(self.variants)}"
 
     def output_schema(self) -> pa.Schema:
         return ENCODE_SCHEMA
@@ -174,32 +172,29 @@ class EncodeStage(Stage):
     def _rows(self, shard: ShardSpec) -> Iterator[pa.Table]:
         """Kept rows with their captions, scores and original image bytes, in shard order."""
         index = TarIndex(shard.inputs["tar"])
-        captions = self._synthetic_captions(shard.shard)
-        scores = self._scores(shard.shard)
-        for batch in iter_kept_rows(shard.inputs["table"], self.kept, self.batch_size,
-                                    ["uid", "caption"]):
+        captions = self._synthetic_captions(shard)
+        scores = self._scores(shard)
+        for batch in iter_kept_rows(shard, self.batch_size, ["uid", "caption"]):
             rows = [r | captions.get(r["uid"], {}) | scores.get(r["uid"], {})
                     for r in batch.to_pylist()]
-            if captions:  # with recaptioning, a sample needs an accepted synthetic caption
+            if "caption" in shard.inputs:  # recaptioned: a sample needs an accepted caption
                 fallback = self.config.synthetic_fallback
                 rows = [r for r in rows if r.get("caption_synthetic") or fallback]
             if rows:
                 images = index.read_many([r["uid"] for r in rows])
                 yield pa.Table.from_pylist([r | {"image": im} for r, im in zip(rows, images, strict=True)])
 
-    def _synthetic_captions(self, shard: str) -> dict[str, dict]:
-        if "synthetic" not in self.variants:
+    def _synthetic_captions(self, shard: ShardSpec) -> dict[str, dict]:
+        """uid -> synthetic caption, from caption k (per shard: small)."""
+        if "caption" not in shard.inputs:
             return {}
-        path = self.run_dir / "caption" / f"{shard}.parquet"
-        if not path.exists():
-            raise InputError(f"{path} is missing: run `rectiflow caption` for every shard first")
-        table = pq.read_table(path, columns=["uid", "caption_synthetic"])
+        table = pq.read_table(shard.inputs["caption"], columns=["uid", "caption_synthetic"])
         return {r["uid"]: {"caption_synthetic": r["caption_synthetic"]} for r in table.to_pylist()}
 
-    def _scores(self, shard: str) -> dict[str, dict]:
-        path = self.run_dir / "score" / f"{shard}.parquet"
-        if not path.exists():
+    def _scores(self, shard: ShardSpec) -> dict[str, dict]:
+        if "score" not in shard.inputs:
             return {}
+        path = shard.inputs["score"]
         columns = [c for c in SCORE_COLUMNS if c in pq.read_schema(path).names]
         return {r.pop("uid"): r for r in pq.read_table(path, columns=columns).to_pylist()}
 
@@ -273,19 +268,27 @@ class EncodeStage(Stage):
 
 
 def run_encode(
-    config: EncodeConfig, run_dir: str | Path, runner: RunnerConfig | None = None
+    config: EncodeConfig, run_dir: str | Path, runner: RunnerConfig | None = None,
+    verify: bool = False,
 ) -> DatasetManifest:
-    """Encode every download shard of `run_dir` into training shards under RUN_DIR/encode/."""
+    """Encode every ready download shard of `run_dir` into training shards under RUN_DIR/encode/.
+
+    dataset.json is written only when every shard is done; shards whose upstream tables are
+    missing are not run, and NotReady names them.
+    """
     if not config.model:
         raise ConfigError("encode.model is empty: give an SD3 diffusers folder or hub id")
-    run_dir = Path(run_dir)
-    shards = download_shards(run_dir)
-    if not shards:
+    run_dir, out_dir = Path(run_dir), Path(run_dir) / "encode"
+    plan = plan_lineage(run_dir, ENCODE_READS)
+    if not plan.shards and not plan.missing:
         raise InputError(f"{run_dir / 'download'} has no completed download shards")
-    variants = ["original", "synthetic"] if list((run_dir / "caption").glob("*.parquet")) else ["original"]
-    digest = decisions_digest(run_dir) + _files_digest(sorted((run_dir / "caption").glob("*.parquet")))
-    factory = functools.partial(EncodeStage, config, run_dir, variants, digest)
-    manifests = run_stage(factory, shards, run_dir / "encode", runner or config.runner)
+    recaptioned = recorded_outputs(run_dir / "caption") is not None
+    variants = ["original", "synthetic"] if recaptioned else ["original"]
+    factory = functools.partial(EncodeStage, config, out_dir, variants)
+    manifests = run_stage(factory, plan.shards, out_dir, runner or config.runner, verify)
+    if (error := plan.not_ready("encode")) is not None:
+        raise error
+    _ensure_dataset_files(factory)
     base = DatasetManifest(
         vae=VaeInfo(""), text_encoders={}, buckets=[list(b) for b in make_buckets(config.bucket)],
         variants=variants, latent_dtype=config.latent_dtype, text_dtype=config.text_dtype,
@@ -293,11 +296,16 @@ def run_encode(
         clip_max_length=config.clip_max_length,
         config_hash=config_hash(replace(config, runner=RunnerConfig())),
     )
-    return write_dataset_manifest(run_dir / "encode", manifests, base)
+    return write_dataset_manifest(out_dir, manifests, base)
 
 
-def _files_digest(paths: list[Path]) -> str:
-    """A short digest of files' contents ("" for none): caption changes redo encode shards."""
-    if not paths:
-        return ""
-    return "-" + hashlib.sha256("".join(sha256_file(p) for p in paths).encode()).hexdigest()[:16]
+def _ensure_dataset_files(factory) -> None:
+    """null_prompt and encoders.json for this fingerprint: `setup` writes them when shards ran;
+    a rerun that ran none loads the models only if they are missing or were made for another
+    config (e.g. by a later run that crashed before finishing a shard)."""
+    stage: EncodeStage = factory()
+    path = stage.out_dir / DATASET_FILES
+    made_for = json.loads(path.read_text()).get("fingerprint") if path.exists() else None
+    present = all((stage.out_dir / name).exists() for name in (NULL_PROMPT_NAME, ENCODERS_NAME))
+    if made_for != stage.fingerprint() or not present:
+        stage.setup()

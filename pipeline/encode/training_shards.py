@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
+
+from pipeline.core import storage
 
 FORMAT_NAME = "rectiflow-sd3-shards"
 FORMAT_VERSION = 1
@@ -95,10 +96,9 @@ class DatasetManifest:
     @classmethod
     def load(cls, dataset: str | Path) -> DatasetManifest:
         """The manifest of a training dataset: a local folder or an fsspec URL (s3://...)."""
-        url = f"{str(dataset).rstrip('/')}/{MANIFEST_NAME}"
+        url = storage.join(dataset, MANIFEST_NAME)
         try:
-            with fsspec.open(url, "r") as f:
-                return cls.from_json(f.read())
+            return cls.from_json(storage.read_bytes(url).decode())
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{url} is missing: {dataset} is not a training dataset") from e
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +104,8 @@ class TrainingShardWriter:
 def write_null_prompt(out_dir: Path, tensors: dict[str, torch.Tensor], dtype: str) -> None:
     """The embeddings of "" (no batch dimension), named like the per-sample components."""
     path = Path(out_dir) / NULL_PROMPT_NAME
-    tmp = path.with_name(f".{path.name}.tmp-{id(tensors)}")
+    # Several encode actors write it at once: a temporary name unique across processes.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     save_file({k: v.to(getattr(torch, dtype)).contiguous() for k, v in tensors.items()}, tmp)
     tmp.replace(path)
 

@@ -1,9 +1,17 @@
-"""The funnel of a run and the story of one sample, read from the stages' Parquet alone.
+"""The funnel of a run and the story of one sample, from manifests and one shard per stage.
 
-Every stage folder of a run holds Parquet tables keyed by `uid` with a `<stage>_reason`
-column (null: the row passed). That contract is all this module relies on, so stages added
-later (dedup, caption, encode) show up without changes here; a few known columns just make
-the explanation richer (`select_detail`, dedup's representative and similarity).
+The funnel sums each stage folder's shard manifests (rows in and out, drop reasons; dedup
+writes one manifest for all its shards) and reads no table, so it costs the number of shards,
+not of rows, and stages added later show up without changes here.
+
+One sample: by shard lineage, uid X lives in the same shard k of every stage. k comes from the
+download stage's uid index, `download/_uid_index/BB.parquet` (columns uid, shard; BB = two
+lowercase hex digits of `uid_bucket(X)`), when that bucket file exists; else from the
+download tables' `uid` column alone, one table at a time, stopping at the first hit. Then each
+stage's table k (`<stage>/k.parquet`, and for encode also the training index
+`encode/shards/k.parquet`) is read for X's rows only (a Parquet filter) and without list or
+binary columns (embeddings). Rows carry `<stage>_reason` (null: passed); a few known columns
+make the explanation richer (`select_detail`, dedup's representative and similarity).
 """
 
 from __future__ import annotations
@@ -12,12 +20,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.compute as pc
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.manifest import stage_stats
+from pipeline.core.command import InputError
+from pipeline.core.manifest import MANIFEST_SUFFIX, manifest_shards, stage_stats
+from pipeline.core.uids import UID_INDEX_DIR, uid_bucket
 
 STAGE_ORDER = ("download", "score", "select", "dedup", "caption", "encode")
+# Extra tables of a stage's shard k that add to its row in a sample's story.
+SHARD_EXTRAS = {"encode": ("shards",)}
 
 
 @dataclass
@@ -47,35 +59,21 @@ def reason_column(stage: str, schema_names: list[str]) -> str | None:
     return candidates[0] if len(candidates) == 1 else None
 
 
-def stage_tables(run_dir: Path) -> dict[str, list[tuple[Path, str]]]:
-    """Per stage (in funnel order), its uid-keyed tables and their reason column."""
-    found: dict[str, list[tuple[Path, str]]] = {}
-    for stage_dir in sorted(p for p in Path(run_dir).iterdir() if p.is_dir()):
-        for path in sorted(stage_dir.rglob("*.parquet")):
-            parts = path.relative_to(stage_dir).parts
-            if any(part.startswith((".", "_")) for part in parts):  # being written; inputs
-                continue
-            names = pq.read_schema(path).names
-            column = reason_column(stage_dir.name, names)
-            if "uid" in names and column:
-                found.setdefault(stage_dir.name, []).append((path, column))
+def stage_dirs(run_dir: Path) -> list[Path]:
+    """The stage folders of a run that completed at least one shard, in funnel order."""
+    found = [p for p in Path(run_dir).iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+             and any(p.glob(f"*{MANIFEST_SUFFIX}"))]
     order = {name: i for i, name in enumerate(STAGE_ORDER)}
-    return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    return sorted(found, key=lambda p: (order.get(p.name, len(order)), p.name))
 
 
 def funnel(run_dir: str | Path) -> list[StageCount]:
-    """Rows in and out of each stage and the histogram of drop reasons."""
+    """Rows in and out of each stage and the histogram of drop reasons, from the manifests."""
     counts = []
-    for stage, tables in stage_tables(Path(run_dir)).items():
-        count = StageCount(stage)
-        for path, column in tables:
-            reasons = pq.read_table(path, columns=[column])[column]
-            count.rows_in += len(reasons)
-            for item in pc.value_counts(reasons.drop_null()).to_pylist():
-                count.reasons[item["values"]] += item["counts"]
-        count.rows_out = count.rows_in - sum(count.reasons.values())
-        count.rows_per_second = stage_stats(Path(run_dir) / stage)["rows_per_second"]
-        counts.append(count)
+    for stage_dir in stage_dirs(Path(run_dir)):
+        stats = stage_stats(stage_dir)
+        counts.append(StageCount(stage_dir.name, stats["rows_in"], stats["rows_out"],
+                                 Counter(stats["reasons"]), stats["rows_per_second"]))
     return counts
 
 
@@ -95,23 +93,63 @@ def format_funnel(counts: list[StageCount]) -> str:
     return "\n".join(lines)
 
 
+def find_shard(run_dir: Path, uid: str) -> str | None:
+    """The download shard holding `uid`: from the uid index, else from the uid columns."""
+    download = Path(run_dir) / "download"
+    index = download / UID_INDEX_DIR / f"{uid_bucket(uid):02x}.parquet"
+    if index.exists():
+        rows = _read_uid_rows(index, uid, ["uid", "shard"])
+        return str(rows["shard"][0].as_py()) if rows.num_rows else None
+    for shard in manifest_shards(download):
+        table = download / f"{shard}.parquet"
+        if table.exists() and _read_uid_rows(table, uid, ["uid"]).num_rows:
+            return shard
+    return None
+
+
+def uid_row(path: Path, uid: str) -> dict | None:
+    """`uid`'s row of one table without its list and binary columns; None if it has none."""
+    if not path.exists():
+        return None
+    schema = pq.read_schema(path)
+    columns = [f.name for f in schema if not _bulky(f.type)]
+    if "uid" not in columns:
+        return None
+    rows = _read_uid_rows(path, uid, columns).to_pylist()
+    return rows[0] if rows else None
+
+
 def explain_uid(run_dir: str | Path, uid: str) -> list[StageVerdict]:
-    """What each stage did with `uid`, in funnel order."""
+    """What each stage did with `uid`, in funnel order, reading one shard per stage."""
+    run_dir = Path(run_dir)
+    shard = find_shard(run_dir, uid)
     verdicts = []
-    for stage, tables in stage_tables(Path(run_dir)).items():
-        verdict = StageVerdict(stage, None)
-        for path, column in tables:
-            rows = pq.read_table(path, filters=[("uid", "=", uid)]).to_pylist()
-            if rows:
-                verdict = StageVerdict(stage, _small(rows[0]), rows[0].get(column))
-                break
-        verdicts.append(verdict)
+    for stage_dir in stage_dirs(run_dir):
+        stage = stage_dir.name
+        row = uid_row(stage_dir / f"{shard}.parquet", uid) if shard is not None else None
+        if row is None:
+            verdicts.append(StageVerdict(stage, None))
+            continue
+        for extra in SHARD_EXTRAS.get(stage, ()):
+            row |= {k: v for k, v in (uid_row(stage_dir / extra / f"{shard}.parquet", uid) or {}).items()
+                    if k not in row}
+        column = reason_column(stage, list(row))
+        verdicts.append(StageVerdict(stage, row, row.get(column) if column else None))
     return verdicts
 
 
-def _small(row: dict) -> dict:
-    """The row without embeddings and other long lists (not worth printing)."""
-    return {k: v for k, v in row.items() if not isinstance(v, list | bytes)}
+def _read_uid_rows(path: Path, uid: str, columns: list[str]) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns, filters=[("uid", "=", uid)])
+    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as e:
+        raise InputError(f"{path}: cannot look up uid {uid!r} (columns {columns}): {e}") from e
+
+
+def _bulky(kind: pa.DataType) -> bool:
+    """Embeddings and other lists, image bytes: not worth reading to tell a sample's story."""
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+            or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+            or pa.types.is_fixed_size_binary(kind))
 
 
 def format_story(uid: str, verdicts: list[StageVerdict]) -> str:

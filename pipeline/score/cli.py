@@ -12,7 +12,7 @@ def run(args, sections) -> None:
     config: ScoreConfig = sections["score"]
     score_dir = args.run_dir / "score"
     run_stage(lambda: ClipScorer(config), score_shards(args.run_dir / "download"), score_dir,
-              config.runner)
+              config.runner, verify=args.verify)
     stats = stage_stats(score_dir)
     print(f"scored {stats['rows_out']} of {stats['rows_in']} images in {stats['shards']} shards; "
           f"dropped: {stats['reasons'] or 'none'}; {stats['rows_per_second']} rows/s")
@@ -24,6 +24,7 @@ COMMAND = StageCommand(
     "e.g. --score.model=ViT-L-14 --score.pretrained=openai --score.runner.backend=ray.",
     schema={"score": ScoreConfig},
     needs="download",
+    verifies=True,
     run=run,
 )
 main = COMMAND.main

@@ -35,7 +35,7 @@ import torch
 
 from pipeline.core.config import config_hash
 from pipeline.core.decode import ImageRejected, decode_for_model, original_image_key
-from pipeline.core.kept import download_shards
+from pipeline.core.lineage import download_shards
 from pipeline.core.runners import RunnerConfig
 from pipeline.core.stage import ShardSpec, Stage
 from pipeline.score.open_clip_models import (
@@ -275,5 +275,7 @@ def _embedding_array(emb: torch.Tensor, ok: list[int], rows: int, schema: pa.Sch
 
 
 def score_shards(download_dir: Path) -> list[ShardSpec]:
-    """One score shard per completed download shard (the one listing: pipeline/core/kept.py)."""
+    """Score shard k per completed download shard k: it reads download k's table and tar, and
+    records the checksums download k's manifest holds (pipeline/core/lineage.py), so deciding
+    that a score shard is done never re-reads a tar."""
     return download_shards(Path(download_dir).parent)

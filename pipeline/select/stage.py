@@ -1,285 +1,209 @@
 """The select step: a query over the scores that names which samples to keep. Nothing is deleted.
 
-Select reads every row that the score stage scored (`score_reason` null; rows the score
-stage dropped are explained there), applies the configured rules in a fixed order and writes
-- `select/kept.parquet`: uid, select_kept, select_reason (the first rule that failed, null
-  when kept), select_detail (the value and the threshold, e.g. "score_nsfw=0.91 >= 0.5");
-- `select/rules.parquet`: per rule its threshold, `removed` (rows that rule dropped first;
-  these add up to all dropped rows) and `failed` (rows failing it regardless of order).
-It is global (a top-k% threshold needs every score), so it runs as one "shard" named `all`
-with a manifest: a rerun with the same config and inputs does nothing.
+Per score shard k, select reads `score/k.parquet` (the rows the score stage scored,
+`score_reason` null; rows it dropped are explained there) and, only for the English-like rule
+and the column rules, `download/k.parquet` (captions; a list's passthrough columns such as
+LAION's `punsafe`, read as `download.NAME`); it applies the rules (pipeline/select/rules.py) and writes
+- `select/k.parquet`: uid, select_kept, select_reason (the first rule that failed, null when
+  kept), select_detail (the value and the threshold, e.g. "score_nsfw=0.91 >= 0.5");
+- `select/k.manifest.json`: rows in and out, reasons, and in `extra` the per-rule counts;
+then the driver writes `select/rules.parquet` (per rule: threshold, removed, failed, note),
+summed from the shard manifests, not from the tables. The one run-wide number, the
+`clip_top_percent` cut, comes from per-shard histograms (pipeline/select/sketch.py), not from
+a sort of the whole pool.
 
-Presets: `datacomp_basic` follows DataComp's basic filter (English caption, more than two
-words and five characters, smaller side over 200 pixels, aspect ratio under 3). DataComp
-detects English with fasttext, which needs a model file we cannot fetch offline; here a
-caption counts as English-like when at least 90% of its letters are ASCII, which keeps
-other Latin-script languages (documented in docs/queries.md). `datacomp_clip_top30` keeps
-the best 30% of the pool by CLIP score (DataComp's "CLIP score (L/14 30%)" baseline).
+A shard's fingerprint is the resolved config, the cut and the checksums that the score (and
+download) manifests recorded for the tables it reads: a rerun with nothing changed redoes
+nothing, a changed score shard redoes its select shard, and every shard is redone only when
+the cut moved. Select is cheap per row, so it runs on the driver one shard at a time, holding
+one shard's rows at most.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
-from pipeline.core.config import config_hash
-from pipeline.core.manifest import ShardManifest, completed_manifest, manifest_shards, shard_outputs
+from pipeline.core.config import config_to_dict
+from pipeline.core.lineage import recorded_outputs
+from pipeline.core.manifest import (
+    ShardManifest,
+    completed_manifest,
+    manifest_path,
+    manifest_shards,
+    read_manifest,
+    remove_stale_temporaries,
+    shard_outputs,
+)
+from pipeline.select.config import PRESETS, SelectConfig, SelectError, describe
+from pipeline.select.rules import (
+    Rule,
+    Tally,
+    build_rules,
+    check_scores_present,
+    check_upstream_columns,
+    decide,
+    read_columns,
+    upstream_columns,
+)
+from pipeline.select.sketch import SKETCH_DIR, ClipCut, ClipSketch, shard_sketch
 
-PRESETS: dict[str, dict[str, object]] = {
-    "none": {},
-    "datacomp_basic": {
-        "english_like": True,
-        "min_caption_words": 3,  # "more than two words"
-        "min_caption_chars": 6,  # "more than five characters"
-        "min_side": 201,  # "smaller dimension more than 200 pixels"
-        "max_aspect": 3.0,  # "aspect ratio smaller than 3" (either orientation)
-    },
-    "datacomp_clip_top30": {"clip_top_percent": 30.0},
-}
-SCORE_COLUMNS = [
-    "uid", "score_reason", "score_clip", "score_aesthetic", "score_nsfw",
-    "score_width", "score_height", "score_caption_length", "score_caption_words",
-]
+__all__ = ["PRESETS", "SelectConfig", "SelectError", "SelectRun", "describe", "run_select"]
+RULES_TABLE = "rules.parquet"
+
+
+@dataclass(frozen=True)
+class SelectShard:
+    """One select shard: the upstream tables it reads and their recorded checksums."""
+
+    shard: str
+    score: Path
+    # "score/k.parquet" (and "download/k.parquet") -> the sha256 its manifest recorded: the
+    # shard manifest's `inputs`, so deciding what is done reads no table.
+    upstream: dict[str, str]
+    download: Path | None = None  # read only for captions (English-like) and column rules
 
 
 @dataclass
-class SelectConfig:
-    """Unset (None) rules are off; a preset fills only the fields left unset."""
+class SelectRun:
+    """What a select run left: every shard's manifest, which ones it redid, the merged rules."""
 
-    preset: Literal["none", "datacomp_basic", "datacomp_clip_top30"] = "none"
-    nsfw_max: float | None = None  # keep when score_nsfw < nsfw_max
-    aesthetic_min: float | None = None  # keep when score_aesthetic >= aesthetic_min
-    clip_min: float | None = None  # keep when score_clip >= clip_min (cosine)
-    clip_top_percent: float | None = None  # keep the best k% of the scored pool by score_clip
-    min_side: int | None = None  # keep when min(width, height) >= min_side
-    max_aspect: float | None = None  # keep when max(w/h, h/w) < max_aspect
-    min_caption_words: int | None = None
-    min_caption_chars: int | None = None
-    english_like: bool | None = None
+    shards: dict[str, ShardManifest]
+    redone: list[str]
+    rules: pa.Table
+    cut: ClipCut | None = None
+    reasons: dict[str, int] = field(init=False)
 
     def __post_init__(self):
-        if self.clip_top_percent is not None and not 0 < self.clip_top_percent <= 100:
-            raise ValueError(f"clip_top_percent = {self.clip_top_percent} must be in (0, 100]")
+        reasons: dict[str, int] = {}
+        for m in self.shards.values():
+            for reason, count in m.reasons.items():
+                reasons[reason] = reasons.get(reason, 0) + count
+        self.reasons = reasons
 
-    def resolved(self) -> SelectConfig:
-        """This config with the preset's values filled into the fields left unset."""
-        unset = {k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) is None}
-        return replace(self, **unset)
+    @property
+    def rows_in(self) -> int:
+        return sum(m.rows_in for m in self.shards.values())
 
-
-@dataclass
-class Rule:
-    name: str  # the select_reason it gives
-    threshold: str
-    keep: Callable[[dict[str, np.ndarray]], np.ndarray]  # columns -> bool mask of rows kept
-    detail: Callable[[dict[str, np.ndarray], int], str]
+    @property
+    def rows_out(self) -> int:
+        return sum(m.rows_out for m in self.shards.values())
 
 
-def build_rules(config: SelectConfig, clip_cut: float | None) -> list[Rule]:
-    """The active rules, in the order that attributes each dropped row to one of them."""
-    c = config.resolved()
-    rules = []
-    if c.nsfw_max is not None:
-        rules.append(_threshold("nsfw", "score_nsfw", "<", c.nsfw_max))
-    if c.aesthetic_min is not None:
-        rules.append(_threshold("aesthetic_low", "score_aesthetic", ">=", c.aesthetic_min))
-    if c.clip_min is not None:
-        rules.append(_threshold("clip_low", "score_clip", ">=", c.clip_min))
-    if clip_cut is not None:
-        rules.append(_threshold("clip_not_top_percent", "score_clip", ">=", clip_cut))
-    if c.min_side is not None:
-        rules.append(_threshold("image_too_small", "min_side", ">=", c.min_side))
-    if c.max_aspect is not None:
-        rules.append(_threshold("aspect_too_extreme", "max_aspect", "<", c.max_aspect))
-    if c.min_caption_words is not None:
-        rules.append(_threshold("caption_too_short", "score_caption_words", ">=", c.min_caption_words))
-    if c.min_caption_chars is not None:
-        rules.append(_threshold("caption_too_short", "score_caption_length", ">=", c.min_caption_chars))
-    if c.english_like:
-        rules.append(_threshold("caption_not_english", "ascii_letter_fraction", ">=", 0.9))
-    return rules
+def run_select(run_dir: str | Path, config: SelectConfig, progress: bool = True,
+               verify: bool = False) -> SelectRun:
+    """Decide keep/drop for every scored row of RUN_DIR, shard by shard (see module doc).
 
-
-def _threshold(name: str, column: str, op: str, value: float) -> Rule:
-    compare = {">=": np.greater_equal, "<": np.less}[op]
-
-    def keep(cols: dict[str, np.ndarray]) -> np.ndarray:
-        with np.errstate(invalid="ignore"):
-            return compare(cols[column], value)  # NaN (missing score) compares False: dropped
-
-    def detail(cols: dict[str, np.ndarray], row: int) -> str:
-        failed = {">=": "<", "<": ">="}[op]
-        return f"{column}={cols[column][row]:.4g} {failed} {value:.4g}"
-
-    return Rule(name, f"{column} {op} {value:g}", keep, detail)
-
-
-def ascii_letter_fraction(caption: str | None) -> float:
-    letters = [ch for ch in caption or "" if ch.isalpha()]
-    return sum(ch.isascii() for ch in letters) / len(letters) if letters else 0.0
-
-
-def clip_top_percent_cut(score_files: list[Path], percent: float) -> float:
-    """The CLIP score of the last row inside the top `percent` of the scored pool."""
-    values = []
-    for path in score_files:
-        table = pq.read_table(path, columns=["score_clip", "score_reason"])
-        table = table.filter(pc.is_null(table["score_reason"]))
-        values.append(table["score_clip"].to_numpy(zero_copy_only=False))
-    pool = np.sort(np.concatenate(values) if values else np.zeros(0))[::-1]
-    pool = pool[~np.isnan(pool)]
-    if pool.size == 0:
-        return math.inf
-    return float(pool[max(math.ceil(pool.size * percent / 100.0), 1) - 1])
-
-
-class SelectError(ValueError):
-    """A rule that cannot be applied to these scores."""
-
-
-KEPT_SCHEMA = pa.schema(
-    [
-        ("uid", pa.string()),
-        ("select_kept", pa.bool_()),
-        ("select_reason", pa.string()),
-        ("select_detail", pa.string()),
-    ]
-)
-
-
-def run_select(run_dir: str | Path, config: SelectConfig) -> ShardManifest:
-    """Decide keep/drop for every scored row of RUN_DIR; write RUN_DIR/select (see module doc)."""
+    `verify`: a done shard also needs its outputs to match their recorded sha256, not only
+    their sizes.
+    """
     run_dir = Path(run_dir)
-    score_files = score_tables(run_dir / "score")
-    download_files = [p for p in (run_dir / "download" / f.name for f in score_files) if p.exists()]
-    inputs = score_files + download_files
+    select_dir = run_dir / "select"
     resolved = config.resolved()
-    fingerprint = config_hash(resolved)
-    done = completed_manifest(run_dir / "select", "all", fingerprint, inputs)
-    if done is not None:
-        return done
+    shards = plan_shards(run_dir, resolved.needs_download())
+    select_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(select_dir)  # a killed run's half-written files
     cut = None
     if resolved.clip_top_percent is not None:
-        cut = clip_top_percent_cut(score_files, resolved.clip_top_percent)
+        sketch = sum((shard_sketch(select_dir, s.shard, s.score, s.upstream[f"score/{s.score.name}"])
+                      for s in shards), ClipSketch())
+        cut = sketch.cut(resolved.clip_top_percent)
     rules = build_rules(resolved, cut)
-    check_scores_present(rules, score_files)  # before anything is replaced
-    manifest = ShardManifest(stage="select", shard="all", config_hash=fingerprint)
-    tally = _Tally(rules)
-    with shard_outputs(run_dir / "select", manifest, inputs) as outputs:
-        with pq.ParquetWriter(outputs.path("kept.parquet"), KEPT_SCHEMA) as writer:
-            for score_file in score_files:
-                captions = run_dir / "download" / score_file.name if resolved.english_like else None
-                columns = read_columns(score_file, captions)
-                writer.write_table(decide(rules, columns, tally))
-        pq.write_table(tally.rules_table(), outputs.path("rules.parquet"))
+    manifests: dict[str, ShardManifest] = {}
+    todo = []
+    for s in shards:
+        done = completed_manifest(select_dir, s.shard, fingerprint(resolved, cut, s), s.upstream,
+                                  verify=verify)
+        if done is None:
+            todo.append(s)
+        else:
+            manifests[s.shard] = done
+    for s in todo:  # before anything is replaced
+        check_scores_present(rules, s.score)
+        check_upstream_columns(rules, s.download)
+    for s in tqdm(todo, desc="select", unit="shard", disable=not progress):
+        manifests[s.shard] = select_shard(select_dir, s, rules, fingerprint(resolved, cut, s))
+    remove_orphans(select_dir, {s.shard for s in shards})
+    manifests = dict(sorted(manifests.items()))
+    return SelectRun(manifests, [s.shard for s in todo], write_rules(select_dir, rules, manifests, cut), cut)
+
+
+def plan_shards(run_dir: Path, needs_download: bool) -> list[SelectShard]:
+    """One select shard per completed score shard, with the checksums its inputs were recorded at."""
+    score_dir, download_dir = run_dir / "score", run_dir / "download"
+    scores = recorded_outputs(score_dir) or {}
+    downloads = (recorded_outputs(download_dir) or {}) if needs_download else {}
+    shards = []
+    for shard in manifest_shards(score_dir):
+        name = f"{shard}.parquet"
+        if name not in scores:
+            continue  # not a score shard's manifest
+        upstream = {f"score/{name}": scores[name]}
+        download = None
+        if needs_download:
+            download = download_dir / name
+            if name not in downloads or not download.exists():
+                raise SelectError(f"the english_like and column rules read {download}, "
+                                  "which no completed download shard wrote")
+            upstream[f"download/{name}"] = downloads[name]
+        shards.append(SelectShard(shard, score_dir / name, upstream, download))
+    return shards
+
+
+def fingerprint(config: SelectConfig, cut: ClipCut | None, shard: SelectShard) -> str:
+    """What decides a select shard: the resolved rules, the cut, its inputs' checksums."""
+    data = {"select": config_to_dict(config), "clip_cut": None if cut is None else repr(cut.value),
+            "upstream": shard.upstream}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def select_shard(select_dir: Path, shard: SelectShard, rules: list[Rule], fingerprint: str) -> ShardManifest:
+    """Write select/k.parquet and its manifest (per-rule counts in `extra`)."""
+    manifest = ShardManifest(stage="select", shard=shard.shard, config_hash=fingerprint)
+    tally = Tally(rules)
+    with shard_outputs(select_dir, manifest, shard.upstream) as outputs:
+        cols = read_columns(shard.score, shard.download, upstream_columns(rules))
+        table = decide(rules, cols, tally)
+        pq.write_table(table, outputs.path(f"{shard.shard}.parquet"))
         manifest.rows_in = tally.rows
-        manifest.reasons = dict(tally.removed_by_reason())
+        manifest.reasons = tally.removed_by_reason()
         manifest.rows_out = tally.rows - sum(manifest.reasons.values())
+        manifest.extra = {"rules": tally.to_json()}
     return manifest
 
 
-def check_scores_present(rules: list[Rule], score_files: list[Path]) -> None:
-    """A rule on a score no row has (no head weights were given) fails instead of dropping all."""
-    for column in {r.threshold.split()[0] for r in rules} & {"score_aesthetic", "score_nsfw"}:
-        tables = [pq.read_table(path, columns=[column, "score_reason"]) for path in score_files]
-        scored = [t.filter(pc.is_null(t["score_reason"])) for t in tables]
-        if sum(t.num_rows for t in scored) and all(t[column].null_count == t.num_rows for t in scored):
-            raise SelectError(
-                f"a select rule needs {column}, but no scored row has it: run the score stage "
-                "with the matching head weights (score.aesthetic_weights / score.nsfw_weights), "
-                "or unset the rule"
-            )
+def remove_orphans(select_dir: Path, current: set[str]) -> None:
+    """Drop select shards (and sketches) whose score shard is gone, e.g. the old `all` shard."""
+    for shard in manifest_shards(select_dir):
+        if shard in current:
+            continue
+        manifest = read_manifest(select_dir, shard)
+        outputs = list(manifest.outputs) if manifest else []
+        manifest_path(select_dir, shard).unlink()  # first: a manifest must never vouch for files being removed
+        for name in [*outputs, f"{shard}.parquet"]:
+            (select_dir / name).unlink(missing_ok=True)
+    for sketch in sorted((select_dir / SKETCH_DIR).glob("*.json")):
+        if sketch.stem not in current:
+            sketch.unlink()
 
 
-def score_tables(score_dir: Path) -> list[Path]:
-    """The score stage's completed shard tables, in shard order."""
-    tables = []
-    for shard in manifest_shards(score_dir):
-        table = Path(score_dir) / f"{shard}.parquet"
-        if table.exists():
-            tables.append(table)
-    return tables
-
-
-def read_columns(score_file: Path, download_file: Path | None) -> dict[str, np.ndarray]:
-    """The columns the rules look at, for the rows the score stage kept."""
-    table = pq.read_table(score_file, columns=SCORE_COLUMNS)
-    table = table.filter(pc.is_null(table["score_reason"]))
-    cols = {name: table[name].to_numpy(zero_copy_only=False) for name in SCORE_COLUMNS}
-    cols = {k: (v if k in ("uid", "score_reason") else v.astype(np.float64)) for k, v in cols.items()}
-    width, height = cols["score_width"], cols["score_height"]
-    cols["min_side"] = np.minimum(width, height)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cols["max_aspect"] = np.maximum(width / height, height / width)
-    if download_file is not None:
-        download = pq.read_table(download_file, columns=["uid", "caption"]).to_pydict()
-        caption_of = dict(zip(download["uid"], download["caption"], strict=True))
-        cols["ascii_letter_fraction"] = np.array(
-            [ascii_letter_fraction(caption_of.get(uid)) for uid in cols["uid"]], dtype=np.float64
-        )
-    return cols
-
-
-def decide(rules: list[Rule], cols: dict[str, np.ndarray], tally: _Tally) -> pa.Table:
-    """Keep/drop each row; a dropped row names the first rule it failed."""
-    rows = len(cols["uid"])
-    reasons: list[str | None] = [None] * rows
-    details: list[str | None] = [None] * rows
-    for index, rule in enumerate(rules):
-        fails = ~rule.keep(cols)
-        tally.record(index, fails)
-        for row in np.flatnonzero(fails):
-            if reasons[row] is None:
-                reasons[row], details[row] = rule.name, rule.detail(cols, row)
-                tally.removed[index] += 1
-    tally.rows += rows
-    kept = [r is None for r in reasons]
-    return pa.table(
-        {"uid": cols["uid"], "select_kept": kept, "select_reason": reasons, "select_detail": details},
-        schema=KEPT_SCHEMA,
-    )
-
-
-class _Tally:
-    """Counts per rule across shards."""
-
-    def __init__(self, rules: list[Rule]):
-        self.rules = rules
-        self.rows = 0
-        self.removed = [0] * len(rules)
-        self.failed = [0] * len(rules)
-
-    def record(self, index: int, fails: np.ndarray) -> None:
-        self.failed[index] += int(fails.sum())
-
-    def removed_by_reason(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for rule, count in zip(self.rules, self.removed, strict=True):
-            if count:
-                out[rule.name] = out.get(rule.name, 0) + count
-        return out
-
-    def rules_table(self) -> pa.Table:
-        return pa.table(
-            {
-                "rule": [r.name for r in self.rules],
-                "threshold": [r.threshold for r in self.rules],
-                "removed": pa.array(self.removed, pa.int64()),
-                "failed": pa.array(self.failed, pa.int64()),
-            }
-        )
-
-
-def describe(config: SelectConfig) -> list[str]:
-    """The resolved, active settings, for printing."""
-    resolved = config.resolved()
-    return [f"{f.name} = {getattr(resolved, f.name)}" for f in fields(resolved)
-            if getattr(resolved, f.name) is not None]
+def write_rules(select_dir: Path, rules: list[Rule], manifests: dict[str, ShardManifest],
+                cut: ClipCut | None) -> pa.Table:
+    """select/rules.parquet, summed from the shard manifests' per-rule counts."""
+    total = Tally(rules)
+    for m in manifests.values():
+        total.add_json(m.extra.get("rules", []), manifest_path(select_dir, m.shard))
+        total.rows += m.rows_in
+    table = total.rules_table({"clip_not_top_percent": cut.note()} if cut else None)
+    final = select_dir / RULES_TABLE
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+    return table

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from decision_factory import scored_uids, write_dedup, write_select_shard
 from download_factory import photo, write_download_run
 
 from captioning.backends import TransformersCaptioner
 from captioning.cleaning import CleaningConfig, clean_caption, fit_budget, strip_boilerplate
 from captioning.config import CaptionConfig, GenerationParams
-from captioning.stage import CaptionStage, run_caption
+from captioning.stage import CAPTION_READS, CaptionStage, run_caption
 from captioning.templates import PROMPTS, resolve_prompt
+from pipeline.core.lineage import NotReady, download_shards, plan_lineage
 from pipeline.core.manifest import read_manifests
 from pipeline.core.runners import RunnerConfig
 from pipeline.core.stage import run_shard
@@ -116,11 +116,10 @@ class _ScriptedCaptioner:
 
 def test_stage_records_rejections_with_provenance(captioner_config, tmp_path):
     write_download_run(tmp_path, shards=1, rows=4, failures_every=0)
-    stage = CaptionStage(captioner_config, tmp_path)
+    stage = CaptionStage(captioner_config)
     stage.captioner = _ScriptedCaptioner(["The image shows a ginger cat.", "", "I'm sorry, I can't.",
                                           "This is a photo of a rocket."])
-    stage.kept = {"s000r0000", "s000r0001", "s000r0002", "s000r0003"}
-    manifest, ran = run_shard(stage, stage_shard(tmp_path), tmp_path / "caption")
+    manifest, ran = run_shard(stage, download_shards(tmp_path)[0], tmp_path / "caption")
     rows = pq.read_table(tmp_path / "caption" / "00000.parquet").to_pylist()
     assert ran and [r["caption_reason"] for r in rows] == [None, "empty_caption", "refusal", None]
     assert [r["caption_synthetic"] for r in rows] == ["A ginger cat.", None, None, "A rocket."]
@@ -132,25 +131,31 @@ def test_stage_records_rejections_with_provenance(captioner_config, tmp_path):
     assert manifest.reasons == {"empty_caption": 1, "refusal": 1} and manifest.rows_out == 2
 
 
-def stage_shard(run_dir: Path):
-    from pipeline.core.kept import download_shards
-
-    return download_shards(run_dir)[0]
-
-
 def test_run_caption_covers_kept_samples_and_resumes(captioner_config, tmp_path):
     write_download_run(tmp_path, shards=1, rows=5)  # row 3 failed to download
-    (tmp_path / "select").mkdir()
-    uids = ["s000r0000", "s000r0001", "s000r0002", "s000r0004"]
-    pq.write_table(pa.table({"uid": uids, "select_kept": [u != "s000r0001" for u in uids]}),
-                   tmp_path / "select" / "kept.parquet")
+    uids = scored_uids(tmp_path, "00000")
+    assert uids == ["s000r0000", "s000r0001", "s000r0002", "s000r0004"]
+    write_select_shard(tmp_path, "00000", {u: u != "s000r0001" for u in uids})
+    write_dedup(tmp_path, {"00000": {"s000r0000": "kept", "s000r0001": None,
+                                     "s000r0002": "kept", "s000r0004": "kept"}})
     manifests = run_caption(captioner_config, tmp_path)
     rows = pq.read_table(tmp_path / "caption" / "00000.parquet").to_pylist()
     assert [r["uid"] for r in rows] == ["s000r0000", "s000r0002", "s000r0004"]
     assert all(r["caption_synthetic"] and r["caption_original"] for r in rows)
     assert manifests[0].models["prompt"] == f"detailed_v1@{PROMPTS['detailed_v1'].hash}"
+    # The manifest records the checksums its upstream manifests hold, not a run-wide digest.
+    (spec,) = plan_lineage(tmp_path, CAPTION_READS).shards
+    assert manifests[0].inputs == spec.checksums and "dedup/00000.parquet" in spec.checksums
     again = run_caption(captioner_config, tmp_path)
     assert again == manifests  # same manifest: the shard was skipped, not redone
+
+
+def test_shards_whose_decisions_are_missing_are_reported_not_captioned(captioner_config, tmp_path):
+    write_download_run(tmp_path, shards=3, rows=1, failures_every=0)
+    write_select_shard(tmp_path, "00000", {u: True for u in scored_uids(tmp_path, "00000")})
+    with pytest.raises(NotReady, match=r"2 shard\(s\) not ready.*select.*00001, 00002"):
+        run_caption(captioner_config, tmp_path)
+    assert [m.shard for m in read_manifests(tmp_path / "caption")] == ["00000"]  # the ready one
 
 
 @pytest.mark.ray

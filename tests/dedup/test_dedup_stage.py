@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from decision_factory import publish, write_select_shard
 from PIL import Image
 from test_dedup_colour import COPIES, recoloured_scenes
 from test_dedup_photos import EDITS, PHOTOS, descriptor, edited, jpeg, photo, signatures
@@ -17,6 +18,8 @@ from dedup.cli import main as dedup_main
 from dedup.config import DedupConfig
 from dedup.exact import sha256_hex
 from dedup.stage import run_dedup, run_dedup_for_run
+from pipeline.core.command import InputError
+from pipeline.core.manifest import ShardManifest, shard_outputs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -145,25 +148,25 @@ def test_cli_writes_resolved_config_and_rejects_bad_values(score_dir, tmp_path, 
 
 
 def write_run_dir(run_dir, rows) -> None:
-    """A run as the earlier stages leave it: score tables without images, download tables with
-    sha256, the images in a WebDataset tar, and select's decisions."""
-    write_score_tables(run_dir / "score", rows, files=1)
-    table = pq.read_table(run_dir / "score" / "00000.parquet").drop_columns(["image"])
-    pq.write_table(table, run_dir / "score" / "00000.parquet")
-    (run_dir / "download").mkdir()
+    """A run as the earlier stages leave it, each shard under its manifest: score tables
+    without images, download tables with sha256, the images in a WebDataset tar, and
+    select's per-shard decisions."""
+    write_score_tables(run_dir / "staging", rows, files=1)
+    table = pq.read_table(run_dir / "staging" / "00000.parquet").drop_columns(["image"])
+    publish(run_dir / "score", "00000", {"00000.parquet": table})
     digests = [sha256_hex(data) for _, data, _, _ in rows]
-    pq.write_table(pa.table({"uid": [r[0] for r in rows], "download_sha256": digests}),
-                   run_dir / "download" / "00000.parquet")  # fmt: skip
-    with tarfile.open(run_dir / "download" / "00000.tar", "w") as tar:
-        for uid, data, _, _ in rows:
-            for name, blob in ((f"{uid}.jpg", data), (f"{uid}.json", b"{}")):
-                info = tarfile.TarInfo(name)
-                info.size = len(blob)
-                tar.addfile(info, io.BytesIO(blob))
-    (run_dir / "select").mkdir()
-    kept = [r[0] != "camera_resized" for r in rows]  # select dropped this one
-    pq.write_table(pa.table({"uid": [r[0] for r in rows], "select_kept": kept}),
-                   run_dir / "select" / "kept.parquet")  # fmt: skip
+    manifest = ShardManifest(stage="download", shard="00000", config_hash="test")
+    with shard_outputs(run_dir / "download", manifest, {}) as outputs:
+        pq.write_table(pa.table({"uid": [r[0] for r in rows], "download_sha256": digests}),
+                       outputs.path("00000.parquet"))  # fmt: skip
+        with tarfile.open(outputs.path("00000.tar"), "w") as tar:
+            for uid, data, _, _ in rows:
+                for name, blob in ((f"{uid}.jpg", data), (f"{uid}.json", b"{}")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+    # select dropped camera_resized
+    write_select_shard(run_dir, "00000", {r[0]: r[0] != "camera_resized" for r in rows})
 
 
 def test_run_dir_step_reads_download_hashes_images_and_selection(tmp_path):
@@ -178,9 +181,22 @@ def test_run_dir_step_reads_download_hashes_images_and_selection(tmp_path):
     assert out["camera_resized"]["dedup_status"] is None  # not selected: not considered
     assert result.manifest.rows_in == len(rows) - 1
     assert not run_dedup_for_run(config, tmp_path).ran
-    pq.write_table(pa.table({"uid": [r[0] for r in rows], "select_kept": [True] * len(rows)}),
-                   tmp_path / "select" / "kept.parquet")  # fmt: skip
+    # The up-to-date check compares the checksums the upstream manifests recorded.
+    assert set(result.manifest.inputs) == {"score/00000.parquet", "download/00000.parquet",
+                                           "download/00000.tar", "select/00000.parquet"}
+    assert result.manifest.outputs["00000.parquet"]  # what caption/encode k record for dedup k
+    write_select_shard(tmp_path, "00000", {r[0]: True for r in rows})
     assert run_dedup_for_run(config, tmp_path).ran  # a changed selection redoes dedup
+
+
+def test_a_select_without_a_score_shards_table_is_an_error(tmp_path):
+    rows = [r for r in photo_rows() if r[0].split("_")[0] == "camera"]
+    write_run_dir(tmp_path, rows)
+    for path in (tmp_path / "select").iterdir():  # select ran, but for another shard only
+        path.unlink()
+    write_select_shard(tmp_path, "00001", {"elsewhere": True})
+    with pytest.raises(InputError, match=r"select has no table for 1 score shard\(s\) \(00000\)"):
+        run_dedup_for_run(photo_config(semantic=False, sweep=False), tmp_path)
 
 
 def dropped_uids(rows: dict[str, dict]) -> set[str]:

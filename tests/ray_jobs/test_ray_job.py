@@ -178,7 +178,7 @@ def test_curate_job_runs_on_a_local_cluster(ray_cluster, image_server, clip_dir,
     )
     ok = {r["uid"] for r in download if r["download_status"] == "success"}
     assert set(scored["uid"].to_pylist()) == ok and scored["score_clip"].null_count == 0
-    kept = pq.read_table(run_dir / "select" / "kept.parquet")
+    kept = pa.concat_tables([pq.read_table(p) for p in sorted((run_dir / "select").glob("0*.parquet"))])
     assert set(kept["uid"].to_pylist()) == ok
     assert (run_dir / "config.resolved.toml").exists()
     assert "download" in logs and "select" in logs  # the funnel printed at the end

@@ -222,3 +222,24 @@ def test_user_errors_exit_2_and_bugs_raise(tmp_path, capsys):
     resolved = (tmp_path / "toy" / RESOLVED_CONFIG_NAME).read_text()
     assert resolved.startswith("# config hash: ") and tomllib.loads(resolved)["select"]["min_side"] == 4
     assert json.loads(json.dumps(tomllib.loads(resolved)))  # plain TOML data, no Paths
+
+
+def test_verify_is_a_flag_of_the_commands_that_take_it(tmp_path):
+    from pipeline.core.run_lock import holds_lock
+
+    seen = []
+
+    def run(args, sections):
+        seen.append((getattr(args, "verify", None), holds_lock(args.run_dir)))
+
+    from dedup.config import DedupConfig
+
+    schema = {"dedup": DedupConfig}
+    verifying = StageCommand(name="toy", description="d", schema=schema, run=run, verifies=True)
+    plain = StageCommand(name="toy", description="d", schema=schema, run=run)
+    assert verifying.main([str(tmp_path), "--verify"]) == 0
+    assert verifying.main([str(tmp_path)]) == 0
+    assert seen == [(True, True), (False, True)]  # and the run held the run directory's lock
+    with pytest.raises(SystemExit):
+        plain.main([str(tmp_path), "--verify"])  # argparse: unrecognised argument
+    assert not holds_lock(tmp_path)

@@ -37,7 +37,7 @@ def _reason(decode) -> str | None:
 def site_verdicts(data: bytes, tmp_path) -> dict[str, str | bool | None]:
     """Reason (or None) from the sites that record one; whether it was usable from the rest."""
     prepared = _prepare(data, 64, CAP, preprocess=lambda image: image)
-    caption = CaptionStage(CaptionConfig(image_size=64), tmp_path)._decode(data)
+    caption = CaptionStage(CaptionConfig(image_size=64))._decode(data)
     path = tmp_path / "sample.img.jpg"  # the autoencoder's folder reader takes any image suffix
     path.write_bytes(data)
     try:

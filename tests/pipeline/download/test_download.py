@@ -98,7 +98,8 @@ def test_every_case_ends_with_its_reason_and_shards_follow_the_contract(image_se
 
 def test_rerun_skips_completed_shards(image_server, tmp_path):
     urls = write_jsonl(tmp_path / "urls.jsonl",
-                       [{"url": image_server.url(n)} for n in ("astronaut.jpg", "missing.jpg")])
+                       [{"url": image_server.url(n), "caption": n}
+                        for n in ("astronaut.jpg", "missing.jpg")])
     first = run_download(config(rows_per_shard=1), LOCAL, urls, tmp_path / "run")
     hits = image_server.hits["/astronaut.jpg"]
     second = run_download(config(rows_per_shard=1, thread_count=3), LOCAL, urls, tmp_path / "run")
@@ -133,6 +134,7 @@ def test_retry_failed_redoes_only_retryable_rows_after_retry_after(image_server,
              "flaky/5/429/chelsea.png?retry_after=1"]
     urls = write_jsonl(tmp_path / "urls.jsonl", [{"url": image_server.url(p)} for p in paths])
     overrides = ["--download.fetch.allow_loopback=true", "--download.processes_count=0",
+                 "--download.captions_optional=true",
                  "--download.rows_per_shard=2"]
     out = tmp_path / "run"
     assert download_main(["--urls", str(urls), "--out", str(out), *overrides]) == 0

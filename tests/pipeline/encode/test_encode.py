@@ -8,17 +8,17 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from decision_factory import scored_uids, write_caption_shard, write_dedup, write_select_shard
 from download_factory import write_download_run
 from safetensors.torch import load_file
 
-from pipeline.core.kept import kept_uids
+from pipeline.core.lineage import iter_kept_rows, plan_lineage
 from pipeline.core.manifest import read_manifests
 from pipeline.encode.buckets import BucketConfig, load_bucketed, make_buckets, to_vae_input
-from pipeline.encode.stage import EncodeConfig, run_encode
+from pipeline.encode.stage import DATASET_FILES, ENCODE_READS, EncodeConfig, EncodeStage, run_encode
 from pipeline.encode.training_shards import (
     TEXT_COMPONENTS,
     DatasetManifest,
@@ -49,24 +49,21 @@ def _corrupt_one_image(run_dir: Path, uid: str) -> None:
 
 def _write_decisions(run_dir: Path) -> None:
     """select drops s000r0001, dedup drops s001r0000; the caption stage rejected s000r0002."""
-    (run_dir / "select").mkdir()
-    uids = [f"s000r{i:04d}" for i in range(6)] + [f"s001r{i:04d}" for i in range(6)]
-    pq.write_table(pa.table({"uid": uids, "select_kept": [u != "s000r0001" for u in uids],
-                             "select_reason": [None if u != "s000r0001" else "low_clip" for u in uids]}),
-                   run_dir / "select" / "kept.parquet")
-    (run_dir / "dedup").mkdir()
-    pq.write_table(pa.table({"uid": uids, "dedup_status": ["dropped" if u == "s001r0000" else "kept"
-                                                           for u in uids]}),
-                   run_dir / "dedup" / "00000.parquet")
+    statuses = {}
     for shard in ("00000", "00001"):
-        table = pq.read_table(run_dir / "download" / f"{shard}.parquet", columns=["uid", "caption"])
-        rows = table.to_pylist()
-        synthetic = [None if r["uid"] == "s000r0002" else f"A detailed recaption of {r['caption']}"
-                     for r in rows]
-        (run_dir / "caption").mkdir(exist_ok=True)
-        pq.write_table(pa.table({"uid": [r["uid"] for r in rows], "caption_synthetic": synthetic,
-                                 "caption_reason": [None if s else "refusal" for s in synthetic]}),
-                       run_dir / "caption" / f"{shard}.parquet")
+        uids = scored_uids(run_dir, shard)
+        write_select_shard(run_dir, shard, {u: u != "s000r0001" for u in uids})
+        statuses[shard] = {u: None if u == "s000r0001" else "dropped" if u == "s001r0000" else "kept"
+                           for u in uids}
+    write_dedup(run_dir, statuses)
+    for shard in ("00000", "00001"):
+        write_caption_shard(run_dir, shard, _captions(run_dir, shard, "detailed"))
+
+
+def _captions(run_dir: Path, shard: str, word: str) -> dict[str, str | None]:
+    table = pq.read_table(run_dir / "download" / f"{shard}.parquet", columns=["uid", "caption"])
+    return {r["uid"]: None if r["uid"] == "s000r0002" else f"A {word} recaption of {r['caption']}"
+            for r in table.to_pylist()}
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +91,18 @@ def _read_shard(path: Path) -> list[dict]:
     return list(wds.WebDataset(str(path), shardshuffle=False).decode(safe))
 
 
-def test_kept_uids_intersect_every_decision_present(encoded):
+def test_kept_rows_join_each_shards_own_decisions(encoded):
     run_dir, _, _ = encoded
-    kept = kept_uids(run_dir)
+    plan = plan_lineage(run_dir, ENCODE_READS)
+    kept = {u for spec in plan.shards for b in iter_kept_rows(spec, 2, ["uid"])
+            for u in b["uid"].to_pylist()}
     assert "s000r0001" not in kept and "s001r0000" not in kept  # select, dedup
     assert "s000r0003" not in kept  # failed download
     assert {"s000r0000", "s000r0002", "s001r0001"} <= kept
+    manifest = {m.shard: m for m in read_manifests(run_dir / "encode")}["00001"]
+    assert set(manifest.inputs) == {f"{stage}/00001.{ext}" for stage, ext in (
+        ("download", "parquet"), ("download", "tar"), ("select", "parquet"),
+        ("dedup", "parquet"), ("caption", "parquet"))}
 
 
 def test_shards_hold_the_kept_samples_with_drops_recorded(encoded):
@@ -208,17 +211,33 @@ def test_latents_are_the_vae_distribution_of_the_bucketed_image(encoded, tiny_mo
 def test_rerun_skips_done_shards_and_redoes_changed_ones(encoded):
     run_dir, config, _ = encoded
     before = {m.shard: m for m in read_manifests(run_dir / "encode")}
-    caption = run_dir / "caption" / "00001.parquet"
-    table = pq.read_table(caption)
     run_encode(config, run_dir)  # nothing changed: same manifests, nothing rewritten
     assert {m.shard: m for m in read_manifests(run_dir / "encode")} == before
-    synthetic = [s.replace("detailed", "new") if s else s
-                 for s in table["caption_synthetic"].to_pylist()]
-    pq.write_table(table.set_column(1, "caption_synthetic", pa.array(synthetic)), caption)
-    manifest = run_encode(config, run_dir)  # a changed caption file: the shards are redone
+    write_caption_shard(run_dir, "00001", _captions(run_dir, "00001", "new"))
+    manifest = run_encode(config, run_dir)  # caption 1 changed: encode 1 is redone, 0 is not
+    after = {m.shard: m for m in read_manifests(run_dir / "encode")}
+    assert after["00000"] == before["00000"] and after["00001"] != before["00001"]
     samples = _read_shard(run_dir / "encode/shards/00001.tar")
     assert samples[0]["json"]["captions"]["synthetic"].startswith("A new recaption")
     assert manifest.counts["samples"] == 6
+
+
+def test_a_noop_rerun_loads_no_model_and_still_writes_a_correct_dataset(encoded, monkeypatch):
+    run_dir, config, first = encoded
+    run_encode(config, run_dir)
+    calls = []
+    monkeypatch.setattr(EncodeStage, "setup", lambda self: calls.append(self.fingerprint()))
+    (run_dir / "encode" / "dataset.json").unlink()
+    manifest = run_encode(config, run_dir)
+    assert calls == [] and manifest.counts == first.counts and manifest.vae == first.vae
+    assert DatasetManifest.load(run_dir / "encode").shards == manifest.shards
+    # Dataset-level files made for another config (a run that crashed before finishing any
+    # shard) are remade, even though every shard is done.
+    files = run_dir / "encode" / DATASET_FILES
+    files.write_text(json.dumps({"fingerprint": "another config"}))
+    run_encode(config, run_dir)
+    assert len(calls) == 1
+    files.write_text(json.dumps({"fingerprint": calls[0]}))  # as the real setup leaves it
 
 
 def test_bfloat16_latents_round_trip_through_uint16(tiny_models, tmp_path):
