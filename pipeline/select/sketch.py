@@ -3,7 +3,8 @@
 Each score shard gets a fixed-bin histogram of its scored rows' `score_clip` (BINS equal bins
 over [-1, 1], the range of a cosine), cached sparse (non-empty bins only) in
 `select/_sketch/<shard>.json` with the checksum the score manifest recorded for the table it
-counted, so a rerun reads only the score shards that changed. Sketches merge by adding counts:
+counted, so a rerun reads only the score shards that changed; their sum is cached in
+`_pool.json` under the digest of every shard's checksum. Sketches merge by adding counts:
 the merged sketch is exactly the sketch of all rows, whatever the sharding.
 
 The cut is the lower edge of the bin in which the count from the top first reaches
@@ -15,6 +16,7 @@ by less than one bin's rows (an exact sort keeps T rows plus ties at the T-th sc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -102,19 +104,53 @@ class ClipSketch:
         return ClipCut(value, percent, pool, target, int(from_top[i]), int(self.counts[b]))
 
 
+POOL_SKETCH = "_pool.json"  # the merged sketch, beside the per-shard ones
+
+
+def pool_sketch(select_dir: Path, shards: list[tuple[str, Path, str]]) -> ClipSketch:
+    """The sketch of every scored row: (shard, score table, its recorded sha256) per shard.
+
+    Cached under the digest of all shards' checksums, so a rerun with nothing changed reads
+    one file instead of one per shard (at 1M rows in 1,000 shards, reading and summing the
+    shard sketches was 8% of select's first run)."""
+    key = hashlib.sha256(json.dumps(sorted((s, sha) for s, _, sha in shards)).encode()).hexdigest()
+    cache = Path(select_dir) / SKETCH_DIR / POOL_SKETCH
+    pool = _cached(cache, key)
+    if pool is None:
+        counts = np.zeros(BINS, np.int64)
+        for shard, table, sha in shards:
+            counts += shard_sketch(select_dir, shard, table, sha).counts
+        pool = _store(cache, ClipSketch(counts), key)
+    return pool
+
+
 def shard_sketch(select_dir: Path, shard: str, score_table: Path, score_sha256: str) -> ClipSketch:
     """The sketch of one score shard: from the cache when it counted this very table."""
     cache = Path(select_dir) / SKETCH_DIR / f"{shard}.json"
-    if cache.exists():
-        try:
-            data = json.loads(cache.read_text())
-            if data.get("source_sha256") == score_sha256 and data.get("bins") == BINS:
-                return ClipSketch.from_json(data)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
-            pass  # a damaged cache entry is recounted, never trusted
-    table = read_score_table(score_table, ["score_clip", "score_reason"])
-    scored = table.filter(pc.is_null(table["score_reason"]))["score_clip"]
-    sketch = ClipSketch.of(pc.cast(scored, pa.float64()).to_numpy(zero_copy_only=False))
+    sketch = _cached(cache, score_sha256)
+    if sketch is None:
+        table = read_score_table(score_table, ["score_clip", "score_reason"])
+        scored = table.filter(pc.is_null(table["score_reason"]))["score_clip"]
+        values = pc.cast(scored, pa.float64()).to_numpy(zero_copy_only=False)
+        sketch = _store(cache, ClipSketch.of(values), score_sha256)
+    return sketch
+
+
+def _cached(cache: Path, source_sha256: str) -> ClipSketch | None:
+    """The cached sketch if it counted exactly `source_sha256`; a damaged file is recounted,
+    never trusted."""
+    if not cache.exists():
+        return None
+    try:
+        data = json.loads(cache.read_text())
+        if data.get("source_sha256") == source_sha256 and data.get("bins") == BINS:
+            return ClipSketch.from_json(data)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _store(cache: Path, sketch: ClipSketch, source_sha256: str) -> ClipSketch:
     cache.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cache, sketch.to_json(score_sha256))
+    write_json_atomic(cache, sketch.to_json(source_sha256))
     return sketch

@@ -53,7 +53,7 @@ from pipeline.select.rules import (
     read_columns,
     upstream_columns,
 )
-from pipeline.select.sketch import SKETCH_DIR, ClipCut, ClipSketch, shard_sketch
+from pipeline.select.sketch import SKETCH_DIR, ClipCut, pool_sketch
 
 __all__ = ["PRESETS", "SelectConfig", "SelectError", "SelectRun", "describe", "run_select"]
 RULES_TABLE = "rules.parquet"
@@ -112,14 +112,14 @@ def run_select(run_dir: str | Path, config: SelectConfig, progress: bool = True,
     remove_stale_temporaries(select_dir)  # a killed run's half-written files
     cut = None
     if resolved.clip_top_percent is not None:
-        sketch = sum((shard_sketch(select_dir, s.shard, s.score, s.upstream[f"score/{s.score.name}"])
-                      for s in shards), ClipSketch())
-        cut = sketch.cut(resolved.clip_top_percent)
+        sources = [(s.shard, s.score, s.upstream[f"score/{s.score.name}"]) for s in shards]
+        cut = pool_sketch(select_dir, sources).cut(resolved.clip_top_percent)
     rules = build_rules(resolved, cut)
+    key = decision_key(resolved, cut)
     manifests: dict[str, ShardManifest] = {}
     todo = []
     for s in shards:
-        done = completed_manifest(select_dir, s.shard, fingerprint(resolved, cut, s), s.upstream,
+        done = completed_manifest(select_dir, s.shard, fingerprint(key, s), s.upstream,
                                   verify=verify)
         if done is None:
             todo.append(s)
@@ -129,7 +129,7 @@ def run_select(run_dir: str | Path, config: SelectConfig, progress: bool = True,
         check_scores_present(rules, s.score)
         check_upstream_columns(rules, s.download)
     for s in tqdm(todo, desc="select", unit="shard", disable=not progress):
-        manifests[s.shard] = select_shard(select_dir, s, rules, fingerprint(resolved, cut, s))
+        manifests[s.shard] = select_shard(select_dir, s, rules, fingerprint(key, s))
     remove_orphans(select_dir, {s.shard for s in shards})
     manifests = dict(sorted(manifests.items()))
     return SelectRun(manifests, [s.shard for s in todo], write_rules(select_dir, rules, manifests, cut), cut)
@@ -157,11 +157,17 @@ def plan_shards(run_dir: Path, needs_download: bool) -> list[SelectShard]:
     return shards
 
 
-def fingerprint(config: SelectConfig, cut: ClipCut | None, shard: SelectShard) -> str:
-    """What decides a select shard: the resolved rules, the cut, its inputs' checksums."""
-    data = {"select": config_to_dict(config), "clip_cut": None if cut is None else repr(cut.value),
-            "upstream": shard.upstream}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+def decision_key(config: SelectConfig, cut: ClipCut | None) -> str:
+    """What decides every select shard alike: the resolved rules and the cut (made once per
+    run, not per shard: a no-op rerun's cost is mostly this bookkeeping)."""
+    data = {"select": config_to_dict(config), "clip_cut": None if cut is None else repr(cut.value)}
+    return json.dumps(data, sort_keys=True)
+
+
+def fingerprint(key: str, shard: SelectShard) -> str:
+    """What decides a select shard: `decision_key` and its inputs' recorded checksums."""
+    upstream = json.dumps(shard.upstream, sort_keys=True)
+    return hashlib.sha256(f"{key}\n{upstream}".encode()).hexdigest()[:16]
 
 
 def select_shard(select_dir: Path, shard: SelectShard, rules: list[Rule], fingerprint: str) -> ShardManifest:
@@ -190,7 +196,7 @@ def remove_orphans(select_dir: Path, current: set[str]) -> None:
         for name in [*outputs, f"{shard}.parquet"]:
             (select_dir / name).unlink(missing_ok=True)
     for sketch in sorted((select_dir / SKETCH_DIR).glob("*.json")):
-        if sketch.stem not in current:
+        if sketch.stem not in current and not sketch.name.startswith("_"):  # _pool.json stays
             sketch.unlink()
 
 

@@ -193,10 +193,23 @@ def test_a_damaged_sketch_cache_is_recounted(tmp_path):
     run_select(tmp_path, SelectConfig(clip_top_percent=20.0))
     cache = tmp_path / "select" / "_sketch" / "00000.json"
     assert json.loads(cache.read_text())["bins"] == 65536
-    cache.write_text('{"bins": 65536, "source_sha256": "')
+    pool = tmp_path / "select" / "_sketch" / "_pool.json"
+    assert json.loads(pool.read_text())["count"] == json.loads(cache.read_text())["count"]
+    for damaged in (cache, pool):  # the shard's sketch and the merged one
+        damaged.write_text('{"bins": 65536, "source_sha256": "')
     (tmp_path / "select" / "00000.manifest.json").unlink()
     result = run_select(tmp_path, SelectConfig(clip_top_percent=20.0))
     assert result.cut.kept == 2 and json.loads(cache.read_text())["count"]
+    assert json.loads(pool.read_text())["count"] == json.loads(cache.read_text())["count"]
+
+
+def test_the_merged_sketch_follows_a_changed_score_shard(tmp_path):
+    write_scores(tmp_path, "00000", [row(f"u{i}", i / 10) for i in range(10)])
+    write_scores(tmp_path, "00001", [row(f"v{i}", i / 10) for i in range(10)])
+    assert run_select(tmp_path, SelectConfig(clip_top_percent=10.0)).cut.kept == 2
+    write_scores(tmp_path, "00001", [row(f"v{i}", 0.95) for i in range(10)])  # all above u's
+    result = run_select(tmp_path, SelectConfig(clip_top_percent=50.0))
+    assert result.cut.kept == 10 and result.cut.value > 0.9
 
 
 def test_the_old_run_wide_table_is_replaced_by_shard_tables(tmp_path):
